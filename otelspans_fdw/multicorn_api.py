@@ -1,0 +1,208 @@
+"""The Multicorn2 Python API, for hosts where ``multicorn`` itself is not importable.
+
+multicorn2 is published neither on PyPI nor in Debian, so our own PostgreSQL host (``ext/``)
+runs wrapper classes written against this module instead.  The names, signatures and
+semantics follow multicorn2, so that a wrapper written as::
+
+    try:
+        from multicorn import ForeignDataWrapper, Qual
+    except ImportError:
+        from otelspans_fdw.multicorn_api import ForeignDataWrapper, Qual
+
+behaves the same under both hosts.  Differences that a wrapper can observe are deliberate
+and only additive: ``execute`` may return Arrow data (anything with ``__arrow_c_stream__``,
+or an iterable of objects with ``__arrow_c_array__``), which our host converts in C.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+__all__ = [
+    "ALL",
+    "ANY",
+    "CRITICAL",
+    "DEBUG",
+    "ERROR",
+    "INFO",
+    "WARNING",
+    "ColumnDefinition",
+    "ForeignDataWrapper",
+    "PostgresError",
+    "Qual",
+    "SortKey",
+    "log_to_postgres",
+]
+
+# Levels are the logging module's, as in multicorn2.
+DEBUG = logging.DEBUG
+INFO = logging.INFO
+WARNING = logging.WARNING
+ERROR = logging.ERROR
+CRITICAL = logging.CRITICAL
+
+ANY = True
+ALL = False
+
+
+class Qual:
+    """A restriction ``field_name operator value`` that the planner offers to the wrapper.
+
+    For ``col = ANY(array)`` / ``col IN (...)`` the operator is the tuple ``('=', True)`` and
+    the value a list; ``col <> ALL(array)`` gives ``('<>', False)``.  ``IS NULL`` arrives as
+    ``('=', None)`` and ``IS NOT NULL`` as ``('<>', None)``; a bare boolean column as
+    ``('=', True)``.  PostgreSQL always rechecks quals, so a wrapper may ignore any of them.
+    """
+
+    __slots__ = ("field_name", "operator", "value")
+
+    def __init__(self, field_name: str, operator: str | tuple[str, bool], value: Any):
+        self.field_name = field_name
+        self.operator = operator
+        self.value = value
+
+    @property
+    def is_list_operator(self) -> bool:
+        return isinstance(self.operator, tuple)
+
+    @property
+    def list_any_or_all(self) -> bool | None:
+        """``ANY`` (True) or ``ALL`` (False) for list operators, else None."""
+        return self.operator[1] if isinstance(self.operator, tuple) else None
+
+    def __repr__(self) -> str:
+        if isinstance(self.operator, tuple):
+            op = "{} {}".format(self.operator[0], "ANY" if self.operator[1] else "ALL")
+        else:
+            op = self.operator
+        return f"{self.field_name} {op} {self.value!r}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Qual):
+            return NotImplemented
+        return (self.field_name, self.operator, self.value) == (
+            other.field_name,
+            other.operator,
+            other.value,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.field_name, self.operator, repr(self.value)))
+
+
+class SortKey(NamedTuple):
+    """One ORDER BY item that the planner asks the wrapper to enforce."""
+
+    attname: str
+    attnum: int
+    is_reversed: bool
+    nulls_first: bool
+    collate: str | None
+
+
+class ColumnDefinition:
+    """A column of the foreign table, as the host describes it to the wrapper."""
+
+    def __init__(
+        self,
+        column_name: str,
+        type_oid: int = 0,
+        typmod: int = -1,
+        type_name: str = "",
+        base_type_name: str = "",
+        options: Mapping[str, str] | None = None,
+    ):
+        self.column_name = column_name
+        self.type_oid = type_oid
+        self.typmod = typmod
+        self.type_name = type_name
+        self.base_type_name = base_type_name or type_name
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"{self.column_name} {self.type_name}"
+
+
+class ForeignDataWrapper(ABC):
+    """Base class of a wrapper; the host makes one instance per foreign table and reuses it.
+
+    ``options`` are the server options merged with the table options (table wins);
+    ``columns`` maps column names to :class:`ColumnDefinition` in table order.
+    """
+
+    def __init__(self, fdw_options: dict[str, str], fdw_columns: Mapping[str, ColumnDefinition]):
+        self.fdw_options = fdw_options
+        self.fdw_columns = fdw_columns
+
+    @abstractmethod
+    def execute(
+        self,
+        quals: list[Qual],
+        columns: Iterable[str],
+        sortkeys: list[SortKey] | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> Iterable[Any]:
+        """Return the rows: mappings, sequences in table column order, or Arrow data."""
+
+    def get_rel_size(self, quals: list[Qual], columns: Iterable[str]) -> tuple[int, int]:
+        """Estimated (rows, bytes per row); multicorn2's default is deliberately pessimistic."""
+        return (100000000, len(list(columns)) * 100)
+
+    def get_path_keys(self) -> list[tuple[tuple[str, ...], int]]:
+        """Column sets that, given by equality, cut the result to the given number of rows."""
+        return []
+
+    def can_sort(self, sortkeys: list[SortKey]) -> list[SortKey]:
+        """The sort keys the wrapper can enforce itself."""
+        return []
+
+    def can_limit(self, limit: int | None, offset: int | None) -> bool:
+        """Whether the wrapper can apply LIMIT/OFFSET itself."""
+        return False
+
+    def explain(
+        self,
+        quals: list[Qual],
+        columns: Iterable[str],
+        sortkeys: list[SortKey] | None = None,
+        verbose: bool = False,
+    ) -> list[str]:
+        """Lines shown under the foreign scan in EXPLAIN."""
+        return []
+
+
+class PostgresError(Exception):
+    """Raised by ``log_to_postgres`` at ERROR or above; the host reports it as an ERROR."""
+
+    sqlstate = "HV000"
+
+    def __init__(self, message: str, hint: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+        self.detail = detail
+
+
+_logger = logging.getLogger("otelspans_fdw.wrapper")
+
+
+def log_to_postgres(
+    message: str, level: int = INFO, hint: str | None = None, detail: str | None = None
+) -> None:
+    """Send a message to the PostgreSQL log / client; at ERROR and above, abort the query.
+
+    Under our host the message reaches ``ereport`` through the builtin ``_otelspans_host``
+    module; errors are raised as :class:`PostgresError` so that Python unwinds cleanly before
+    the host turns it into an ``ERROR`` (never a longjmp through Python frames).
+    """
+    if level >= ERROR:
+        raise PostgresError(message, hint=hint, detail=detail)
+    try:
+        import _otelspans_host  # type: ignore[import-not-found]
+    except ImportError:
+        _logger.log(level, message)
+        return
+    _otelspans_host.log(level, message, hint, detail)
