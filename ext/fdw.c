@@ -813,9 +813,15 @@ row_to_slot(PyhostScanState *st, PyObject *row, TupleTableSlot *slot)
 	memset(isnull, true, sizeof(bool) * st->natts);
 	if (!is_mapping)
 	{
-		seq = PySequence_Fast(row, "a row must be a mapping or a sequence");
+		seq = PySequence_Fast(row, "not a sequence");
 		if (seq == NULL)
-			pyhost_report_error("reading a row");
+		{
+			PyErr_Clear();
+			ereport(ERROR,
+					(errcode(ERRCODE_FDW_INVALID_DATA_TYPE),
+					 errmsg("a row must be a mapping or a sequence, not %s", Py_TYPE(row)->tp_name),
+					 errhint("Yield dicts keyed by column name, tuples in table column order, or return Arrow data.")));
+		}
 		if (PySequence_Fast_GET_SIZE(seq) < PyList_GET_SIZE(st->column_names))
 		{
 			Py_DECREF(seq);

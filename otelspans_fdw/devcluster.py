@@ -79,8 +79,19 @@ class LocalCluster:
             _chown_to_service_user(self.base)
             subprocess.run(
                 _as_service_user(
-                    [str(PG_BINDIR / "initdb"), "-D", str(self.datadir), "-A", "trust",
-                     "-U", SERVICE_USER, "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
+                    [
+                        str(PG_BINDIR / "initdb"),
+                        "-D",
+                        str(self.datadir),
+                        "-A",
+                        "trust",
+                        "-U",
+                        SERVICE_USER,
+                        "-E",
+                        "UTF8",
+                        "--locale=C.UTF-8",
+                        "--no-sync",
+                    ]
                 ),
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -117,8 +128,17 @@ class LocalCluster:
     def start(self) -> None:
         subprocess.run(
             _as_service_user(
-                [str(PG_BINDIR / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                 "-w", "-t", "60", "start"]
+                [
+                    str(PG_BINDIR / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
             ),
             check=True,
             stdout=subprocess.DEVNULL,

@@ -29,7 +29,7 @@ except ImportError:
         log_to_postgres,
     )
 
-T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 NS = uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
 
 
@@ -86,9 +86,11 @@ class Echo(ForeignDataWrapper):
         return [(("id",), 1)]
 
     def can_sort(self, sortkeys: list[SortKey]) -> list[SortKey]:
-        return [k for k in sortkeys if k.attname in ("id", "name")] if all(
-            k.attname in ("id", "name") for k in sortkeys
-        ) else []
+        return (
+            [k for k in sortkeys if k.attname in ("id", "name")]
+            if all(k.attname in ("id", "name") for k in sortkeys)
+            else []
+        )
 
     def can_limit(self, limit: int | None, offset: int | None) -> bool:
         return True
@@ -134,7 +136,9 @@ class Failing(ForeignDataWrapper):
         if self.mode == "exception":
             raise ValueError("boom from python")
         if self.mode == "pgerror":
-            log_to_postgres("wrapper refuses", ERROR, hint="Try the other thing.", detail="Why not.")
+            log_to_postgres(
+                "wrapper refuses", ERROR, hint="Try the other thing.", detail="Why not."
+            )
         if self.mode == "warning":
             log_to_postgres("just a warning", WARNING, hint="Nothing to do.")
             yield {"x": 1}
