@@ -302,6 +302,24 @@ def test_errors_mid_stream_in_init_and_in_rows(db: Session) -> None:
     assert db.rows("SELECT count(*) FROM echo") == [(20,)]
 
 
+def test_postgres_error_inside_a_scan_leaks_no_python_references(db: Session) -> None:
+    db.conn.execute(
+        "CREATE SERVER tracked FOREIGN DATA WRAPPER otelspans_fdw "
+        "OPTIONS (wrapper 'host_wrappers.TrackedRows')"
+    )
+    db.conn.execute("CREATE FOREIGN TABLE tr_bad (x int) SERVER tracked OPTIONS (mode 'bad')")
+    db.conn.execute("CREATE FOREIGN TABLE tr_live (x int) SERVER tracked OPTIONS (mode 'live')")
+    for _ in range(5):
+        with pytest.raises(errors.InvalidTextRepresentation):
+            db.rows("SELECT * FROM tr_bad")
+    with db.conn.transaction():
+        cur = db.conn.cursor(name="half")
+        cur.execute("SELECT * FROM tr_bad")
+        assert cur.fetchone() == (1,)
+        cur.close()  # a scan ended early releases its iterator too
+    assert db.rows("SELECT x FROM tr_live") == [(0,)]
+
+
 def test_traceback_goes_to_the_server_log(db: Session, pg) -> None:
     with pytest.raises(errors.ExternalRoutineException):
         db.rows(f"SELECT * FROM {failing(db, 'exception')}")

@@ -123,6 +123,34 @@ class Echo(ForeignDataWrapper):
                 yield {k: v for k, v in r.items() if k in columns}
 
 
+class Tracked:
+    """An iterator that counts its live instances, to show the host drops its references."""
+
+    live = 0
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        Tracked.live += 1
+        self.rows = iter(rows)
+
+    def __iter__(self) -> Tracked:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self.rows)
+
+    def __del__(self) -> None:
+        Tracked.live -= 1
+
+
+class TrackedRows(ForeignDataWrapper):
+    """mode 'bad': a PostgreSQL error (bad value) mid-iteration; 'live': count live iterators."""
+
+    def execute(self, quals, columns, sortkeys=None, limit=None, offset=None) -> Any:
+        if self.fdw_options.get("mode") == "live":
+            return [{"x": Tracked.live}]
+        return Tracked([{"x": 1}, {"x": "not a number"}, {"x": 3}])
+
+
 class Failing(ForeignDataWrapper):
     """Fails on purpose; option mode says how."""
 
@@ -153,6 +181,7 @@ class Failing(ForeignDataWrapper):
         if self.mode == "badvalue":
             yield {"x": "not a number"}
             return
+
         if self.mode == "busy":
             # Pure Python work that never yields: only an interrupt can stop it.
             n = 0
