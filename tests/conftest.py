@@ -48,3 +48,62 @@ def fresh_dsn(pg: LocalCluster) -> Iterator[str]:
     finally:
         with psycopg.connect(pg.dsn(), autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- ingestion (issue 3): a real `otelspans serve` subprocess ----------------------------------
+
+
+class ReceiverProcess:
+    """A running ``otelspans serve`` subprocess on free ports (see the ``receiver`` fixture)."""
+
+    def __init__(self, dsn: str, store: Path, extra: list[str]):
+        import subprocess
+        import sys
+
+        self.dsn, self.store, self.extra = dsn, store, extra
+        argv = [sys.executable, "-m", "otelspans_fdw.cli", "serve", "--dsn", dsn,
+                "--store", str(store), "--http-port", "0", "--grpc-port", "0", *extra]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"receiver did not start: {line}{self.proc.stderr.read()}")
+        fields = dict(p.split("=") for p in line.split() if "=" in p)
+        self.http_port, self.grpc_port = int(fields["http"]), int(fields["grpc"])
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1/traces"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def receiver_factory(fresh_dsn: str, tmp_path: Path) -> Iterator[object]:
+    """Start receivers (``factory(*extra_args)``) on ``fresh_dsn`` and ``tmp_path/store``."""
+    started: list[ReceiverProcess] = []
+
+    def factory(*extra: str, store: Path | None = None) -> ReceiverProcess:
+        r = ReceiverProcess(fresh_dsn, store or tmp_path / "store", list(extra))
+        started.append(r)
+        return r
+
+    yield factory
+    for r in started:
+        r.stop(9)
+
+
+@pytest.fixture
+def receiver(receiver_factory: object) -> ReceiverProcess:
+    """One receiver with default settings."""
+    return receiver_factory()  # type: ignore[operator]

@@ -1,0 +1,154 @@
+"""Metadata access: connections and the versioned metadata schema.
+
+The metadata tables (processes, streams, blocks) are ordinary PostgreSQL tables so that users
+join them with their own data and the wrapper finds blocks with plain indexed SQL.  The schema
+is a list of numbered migrations recorded in ``otel_schema_version``; :func:`migrate` applies
+the missing ones under a transaction-scoped advisory lock, so a receiver and a CLI (or two
+receivers) starting at the same time never race on ``CREATE TABLE``.
+
+Tables (names and columns are relied on by the lake and the wrapper):
+
+``otel_processes``
+    one row per OTLP resource identity (see :mod:`otelspans_fdw.ingest.identity`); first write
+    wins.  ``properties`` holds every resource attribute as ``otel.resource.<key>``.
+``otel_streams``
+    one traces stream per process (tags ``{trace}``, format ``otlp/v1/traces``).
+``otel_blocks``
+    one row per stored ``ResourceSpans`` payload, at ``object_path`` in the object store.
+    ``begin_time_ns``/``end_time_ns`` keep the nanosecond bounds that ``timestamptz`` cannot.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+
+from otelspans_fdw.exceptions import MetadataError
+
+__all__ = [
+    "MIGRATIONS",
+    "MIGRATION_LOCK_KEY",
+    "SCHEMA_VERSION",
+    "connect",
+    "current_version",
+    "default_dsn",
+    "migrate",
+    "status_counts",
+]
+
+#: Advisory lock key taken while migrating ("otelmigr" as a big-endian int64).
+MIGRATION_LOCK_KEY = int.from_bytes(b"otelmigr", "big", signed=True)
+
+#: Ordered migrations: (version, SQL).  Never edit a released entry; append a new one.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE otel_processes (
+            process_id   uuid PRIMARY KEY,
+            exe          text,
+            username     text,
+            computer     text,
+            distro       text,
+            service_name text,
+            start_time   timestamptz NOT NULL,
+            insert_time  timestamptz NOT NULL DEFAULT now(),
+            properties   jsonb NOT NULL
+        );
+        CREATE TABLE otel_streams (
+            stream_id   uuid PRIMARY KEY,
+            process_id  uuid NOT NULL REFERENCES otel_processes,
+            tags        text[] NOT NULL,
+            format      text NOT NULL,
+            insert_time timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE otel_blocks (
+            block_id      uuid PRIMARY KEY,
+            stream_id     uuid NOT NULL REFERENCES otel_streams,
+            process_id    uuid NOT NULL,
+            begin_time    timestamptz,
+            end_time      timestamptz,
+            begin_time_ns bigint,
+            end_time_ns   bigint,
+            nb_spans      integer NOT NULL,
+            nb_rejected   integer NOT NULL DEFAULT 0,
+            payload_size  bigint NOT NULL,
+            object_path   text NOT NULL,
+            insert_time   timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX otel_blocks_process_insert ON otel_blocks (process_id, insert_time);
+        CREATE INDEX otel_blocks_process_time ON otel_blocks (process_id, begin_time, end_time);
+        """,
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def default_dsn() -> str:
+    """The DSN to use when none is given: ``OTELSPANS_DSN``, else "" (libpq ``PG*`` env vars)."""
+    return os.environ.get("OTELSPANS_DSN", "")
+
+
+def connect(
+    dsn: str | None = None, *, autocommit: bool = False, **kwargs: Any
+) -> psycopg.Connection:
+    """Open a metadata connection, turning connection failures into :class:`MetadataError`."""
+    try:
+        return psycopg.connect(
+            default_dsn() if dsn is None else dsn, autocommit=autocommit, **kwargs
+        )
+    except psycopg.OperationalError as e:
+        raise MetadataError(
+            f"cannot connect to the metadata database: {e}".strip(),
+            hint="Set OTELSPANS_DSN or the PG* environment variables.",
+        ) from e
+
+
+def current_version(conn: psycopg.Connection) -> int:
+    """The applied schema version (0 for an empty database)."""
+    row = conn.execute("SELECT to_regclass('otel_schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM otel_schema_version").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Bring the metadata schema up to :data:`SCHEMA_VERSION`; return the number applied.
+
+    Idempotent, and safe when several processes call it at once: everything runs in one
+    transaction that first takes a transaction-scoped advisory lock, so the second caller waits
+    and then finds the versions already recorded.
+    """
+    applied = 0
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS otel_schema_version ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        have = {r[0] for r in conn.execute("SELECT version FROM otel_schema_version")}
+        for version, sql in MIGRATIONS:
+            if version in have:
+                continue
+            conn.execute(sql)
+            conn.execute("INSERT INTO otel_schema_version (version) VALUES (%s)", (version,))
+            applied += 1
+    return applied
+
+
+def status_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Counts for ``otelspans status``: processes, streams, blocks, spans, rejected, bytes."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM otel_processes),"
+        " (SELECT count(*) FROM otel_streams),"
+        " count(*), coalesce(sum(nb_spans), 0), coalesce(sum(nb_rejected), 0),"
+        " coalesce(sum(payload_size), 0) FROM otel_blocks"
+    ).fetchone()
+    assert row is not None
+    keys = ("processes", "streams", "blocks", "spans", "rejected", "payload_bytes")
+    return {k: int(v) for k, v in zip(keys, row, strict=True)}

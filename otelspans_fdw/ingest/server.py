@@ -1,0 +1,123 @@
+"""The receiver process: HTTP and gRPC transports over one :class:`Ingestor`, one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+
+from otelspans_fdw import db
+from otelspans_fdw.ingest.grpc_service import make_server
+from otelspans_fdw.ingest.http import make_app
+from otelspans_fdw.ingest.pipeline import Ingestor, Limits
+from otelspans_fdw.objstore import open_store
+
+__all__ = ["Receiver", "ReceiverConfig", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
+@dataclass
+class ReceiverConfig:
+    """Receiver settings; defaults come from ``OTELSPANS_*`` environment variables."""
+
+    host: str = field(default_factory=lambda: os.environ.get("OTELSPANS_HOST", "127.0.0.1"))
+    http_port: int = field(default_factory=lambda: _env_int("OTELSPANS_HTTP_PORT", 4318))
+    grpc_port: int = field(default_factory=lambda: _env_int("OTELSPANS_GRPC_PORT", 4317))
+    dsn: str = field(default_factory=db.default_dsn)
+    store_url: str | None = None
+    durable: bool = True
+    token: str | None = field(default_factory=lambda: os.environ.get("OTELSPANS_TOKEN") or None)
+    limits: Limits = field(default_factory=Limits)
+    migrate: bool = True
+
+
+class Receiver:
+    """A running receiver (use :meth:`start` / :meth:`stop` inside an event loop)."""
+
+    def __init__(self, config: ReceiverConfig):
+        self.config = config
+        store_opts = (
+            {"durable": config.durable} if not (config.store_url or "").startswith("s3://") else {}
+        )
+        self.store = open_store(config.store_url, **store_opts)
+        self.ingestor = Ingestor(self.store, config.dsn, config.limits)
+        self._runner: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.migrate:
+            await asyncio.to_thread(self._migrate)
+        await self.ingestor.start()
+        self._runner = web.AppRunner(
+            make_app(self.ingestor, token=cfg.token), access_log=None, auto_decompress=False
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, backlog=1024)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.http_port = sock.getsockname()[1]
+        if cfg.grpc_port >= 0:
+            self._grpc, self.grpc_port = make_server(
+                self.ingestor, cfg.host, cfg.grpc_port, token=cfg.token
+            )
+            await self._grpc.start()
+        log.info(
+            "otelspans receiver: http %s:%d, grpc %s:%d, store %s",
+            cfg.host,
+            self.http_port,
+            cfg.host,
+            self.grpc_port,
+            self.store.url,
+        )
+
+    def _migrate(self) -> None:
+        with db.connect(self.config.dsn) as conn:
+            db.migrate(conn)
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.ingestor.close()
+
+
+async def _serve(config: ReceiverConfig, ready: asyncio.Event | None = None) -> None:
+    receiver = Receiver(config)
+    await receiver.start()
+    # Machine-readable line for supervisors and tests that ask for port 0.
+    print(
+        f"otelspans receiver listening http={receiver.http_port} grpc={receiver.grpc_port}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await receiver.stop()
+
+
+def serve(config: ReceiverConfig) -> None:
+    """Run a receiver until SIGINT/SIGTERM."""
+    asyncio.run(_serve(config))
