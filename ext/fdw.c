@@ -771,9 +771,7 @@ start_scan(ForeignScanState *node)
 		return;
 	if (arrow_has_stream(st->result))
 	{
-		pyhost_enter();
 		st->arrow = arrow_scan_begin_stream(st->result, tupdesc, st->needed, st->scan_cxt);
-		pyhost_leave();
 		return;
 	}
 	st->iterator = pyhost_check(PyObject_GetIter(st->result), "iterating over execute()'s result");
@@ -789,10 +787,8 @@ start_scan(ForeignScanState *node)
 	}
 	if (arrow_has_array(first))
 	{
-		pyhost_enter();
 		st->arrow = arrow_scan_begin_batches(first, st->iterator, tupdesc, st->needed,
 											 st->scan_cxt);
-		pyhost_leave();
 		Py_DECREF(first);
 		Py_CLEAR(st->iterator);
 		return;

@@ -186,8 +186,9 @@ extern ArrowScan *arrow_scan_begin_batches(PyObject *first_batch, PyObject *rest
 
 /*
  * Fill `slot` with the next row (ExecStoreVirtualTuple) and return true, or
- * return false at the end.  Values of pass-by-reference types are allocated
- * in CurrentMemoryContext (the per-tuple context of the scan).
+ * return false at the end.  Rows are converted in chunks, column by column;
+ * values of pass-by-reference types live in a chunk buffer and stay valid
+ * until the next call (as the executor's contract for a scan slot asks).
  */
 extern bool arrow_scan_next(ArrowScan *scan, TupleTableSlot *slot);
 

@@ -23,6 +23,7 @@
 #include <dlfcn.h>
 #include <signal.h>
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
@@ -68,6 +69,9 @@ static PyObject *utc_tz = NULL;
 static PyObject *traceback_format = NULL;
 
 static PyObject *host_log(PyObject *self, PyObject *args);
+static void reset_depth_at_abort(XactEvent event, void *arg);
+static void reset_depth_at_subabort(SubXactEvent event, SubTransactionId mySubid,
+									SubTransactionId parentSubid, void *arg);
 
 static PyMethodDef host_methods[] = {
 	{"log", host_log, METH_VARARGS,
@@ -229,6 +233,8 @@ pyhost_ensure_initialized(void)
 						status.err_msg ? status.err_msg : "unknown error")));
 	py_initialized = true;
 
+	RegisterXactCallback(reset_depth_at_abort, NULL);
+	RegisterSubXactCallback(reset_depth_at_subabort, NULL);
 	install_signal_chain();
 	setup_sys_path();
 
@@ -255,6 +261,25 @@ pyhost_api_module(void)
 {
 	pyhost_ensure_initialized();
 	return api_module;
+}
+
+/*
+ * An ERROR raised between pyhost_enter and pyhost_leave skips the leave; at
+ * the end of the (sub)transaction no Python code of ours is running.
+ */
+static void
+reset_depth_at_abort(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		pyhost_depth = 0;
+}
+
+static void
+reset_depth_at_subabort(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		pyhost_depth = 0;
 }
 
 void

@@ -61,8 +61,21 @@ class ReceiverProcess:
         import sys
 
         self.dsn, self.store, self.extra = dsn, store, extra
-        argv = [sys.executable, "-m", "otelspans_fdw.cli", "serve", "--dsn", dsn,
-                "--store", str(store), "--http-port", "0", "--grpc-port", "0", *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "otelspans_fdw.cli",
+            "serve",
+            "--dsn",
+            dsn,
+            "--store",
+            str(store),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            *extra,
+        ]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
         )
@@ -73,10 +86,15 @@ class ReceiverProcess:
             raise RuntimeError(f"receiver did not start: {line}{self.proc.stderr.read()}")
         fields = dict(p.split("=") for p in line.split() if "=" in p)
         self.http_port, self.grpc_port = int(fields["http"]), int(fields["grpc"])
+        self.metrics_port = int(fields.get("metrics", -1))  # with --metrics-port
 
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/v1/traces"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
