@@ -58,3 +58,9 @@ bench: install
 
 clean:
 	$(MAKE) -C ext clean
+
+demo: install
+	$(PY) -m otelspans_fdw.demo start
+
+demo-stop:
+	$(PY) -m otelspans_fdw.demo stop

@@ -27,7 +27,9 @@
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
+#include "postmaster/postmaster.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -69,6 +71,7 @@ static PyObject *utc_tz = NULL;
 static PyObject *traceback_format = NULL;
 
 static PyObject *host_log(PyObject *self, PyObject *args);
+static PyObject *host_backend_info(PyObject *self, PyObject *args);
 static void reset_depth_at_abort(XactEvent event, void *arg);
 static void reset_depth_at_subabort(SubXactEvent event, SubTransactionId mySubid,
 									SubTransactionId parentSubid, void *arg);
@@ -76,6 +79,8 @@ static void reset_depth_at_subabort(SubXactEvent event, SubTransactionId mySubid
 static PyMethodDef host_methods[] = {
 	{"log", host_log, METH_VARARGS,
 	"log(level, message, hint, detail): report through ereport below ERROR"},
+	{"backend_info", host_backend_info, METH_NOARGS,
+	"backend_info(): database, user, data directory, port and socket directory of this backend"},
 	{NULL, NULL, 0, NULL}
 };
 
@@ -484,6 +489,34 @@ host_log(PyObject *self, PyObject *args)
 		return NULL;
 	}
 	Py_RETURN_NONE;
+}
+
+/*
+ * _otelspans_host.backend_info: what a wrapper needs to connect back to the
+ * database it runs in, which the Multicorn2 API does not tell it.
+ */
+static PyObject *
+host_backend_info(PyObject *self, PyObject *args)
+{
+	char	   *dbname = get_database_name(MyDatabaseId);
+	char	   *user = GetUserNameFromId(GetUserId(), true);
+	const char *sockets = GetConfigOption("unix_socket_directories", true, false);
+	char	   *first_socket = NULL;
+
+	if (sockets != NULL && *sockets != '\0')
+	{
+		char	   *comma;
+
+		first_socket = pstrdup(sockets);
+		comma = strchr(first_socket, ',');
+		if (comma)
+			*comma = '\0';
+		while (*first_socket == ' ')
+			first_socket++;
+	}
+	return Py_BuildValue("{s:z,s:z,s:s,s:i,s:z}",
+						 "database", dbname, "user", user, "data_directory", DataDir,
+						 "port", PostPortNumber, "socket_directory", first_socket);
 }
 
 /* ---------------------------------------------------------------------

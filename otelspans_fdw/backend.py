@@ -1,0 +1,121 @@
+"""Where the wrapper runs: finding the local database, its socket and data directory.
+
+Inside a PostgreSQL backend the wrapper needs a metadata connection to *the database it is
+running in*, as *the user running the query*, without configuration.  Nothing in the
+Multicorn2 API tells a wrapper either name.  Our host answers directly
+(``_otelspans_host.backend_info()``); under another host (multicorn2) we find them from the
+process itself:
+
+* the backend's working directory is the data directory (PostgreSQL ``chdir``s there);
+* ``postmaster.pid`` in it holds the port and the first Unix socket directory;
+* one short connection to a maintenance database over that socket reads the row of our own
+  backend pid in ``pg_stat_activity``: ``datname`` and ``usename`` are visible to every role.
+
+The resulting DSN is ``host=<socket dir> port=<port> dbname=<current db> user=<current user>``.
+A server option ``dsn`` (or the ``OTELSPANS_DSN`` environment variable of the server) replaces
+all of this, e.g. when local connections need a password.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["BackendInfo", "backend_info", "default_dsn", "default_store_url"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """The local server as seen from inside one of its backends."""
+
+    data_directory: Path
+    port: int
+    socket_directory: str
+    database: str
+    user: str
+
+    @property
+    def dsn(self) -> str:
+        return (
+            f"host={_quote(self.socket_directory)} port={self.port}"
+            f" dbname={_quote(self.database)} user={_quote(self.user)}"
+        )
+
+
+def _quote(v: str) -> str:
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _postmaster_pid(datadir: Path) -> tuple[int, str]:
+    lines = (datadir / "postmaster.pid").read_text().splitlines()
+    port = int(lines[3])
+    sockdir = lines[4].strip() if len(lines) > 4 and lines[4].strip() else "/var/run/postgresql"
+    return port, sockdir
+
+
+def _from_host() -> BackendInfo | None:
+    """Ask our host extension directly (no extra connection); None under other hosts."""
+    try:
+        import _otelspans_host  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    info = _otelspans_host.backend_info()
+    if not info.get("database") or not info.get("user"):
+        return None
+    return BackendInfo(
+        Path(info["data_directory"]),
+        int(info["port"]),
+        info.get("socket_directory") or "/var/run/postgresql",
+        info["database"],
+        info["user"],
+    )
+
+
+@functools.cache
+def backend_info() -> BackendInfo | None:
+    """The local server and session, or None when not running inside a backend."""
+    hosted = _from_host()
+    if hosted is not None:
+        return hosted
+    datadir = Path(os.getcwd())
+    if not (datadir / "postmaster.pid").is_file() or not (datadir / "PG_VERSION").is_file():
+        return None
+    import psycopg
+
+    port, sockdir = _postmaster_pid(datadir)
+    pid = os.getpid()
+    for maint in ("postgres", "template1"):
+        try:
+            with psycopg.connect(
+                host=sockdir, port=port, dbname=maint, autocommit=True, connect_timeout=10
+            ) as c:
+                row = c.execute(
+                    "SELECT datname, usename FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()
+        except psycopg.Error:
+            continue
+        if row and row[0]:
+            return BackendInfo(datadir, port, sockdir, row[0], row[1])
+    return None
+
+
+def default_dsn() -> str:
+    """``OTELSPANS_DSN``, else the current database over the local socket, else ``""``."""
+    env = os.environ.get("OTELSPANS_DSN")
+    if env:
+        return env
+    info = backend_info()
+    return info.dsn if info else ""
+
+
+def default_store_url() -> str:
+    """``OTELSPANS_STORE``, else ``<data directory>/otelspans_store`` inside a backend."""
+    env = os.environ.get("OTELSPANS_STORE")
+    if env:
+        return env
+    datadir = Path(os.getcwd())
+    if (datadir / "PG_VERSION").is_file():
+        return str(datadir / "otelspans_store")
+    return "otelspans-data"

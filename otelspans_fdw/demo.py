@@ -1,0 +1,181 @@
+"""``make demo``: a local PostgreSQL, the receiver, demo traffic over OTLP, example queries.
+
+Everything lives under one directory (default ``/var/lib/otelspans/demo``, owned by the
+``postgres`` user because the server and the wrapper in its backends write there): the
+cluster, the object store, the receiver's log and pid file.  ``start`` is idempotent: a second
+run reuses the running cluster and receiver and just sends more traffic; ``stop`` stops both
+and leaves the data for the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+
+from otelspans_fdw.devcluster import SERVICE_USER, LocalCluster
+
+DEFAULT_BASE = Path(os.environ.get("OTELSPANS_DEMO_DIR", "/var/lib/otelspans/demo"))
+DEFAULT_PORT = int(os.environ.get("OTELSPANS_DEMO_PGPORT", "5433"))
+DBNAME = "otelspans"
+HTTP_PORT = int(os.environ.get("OTELSPANS_DEMO_HTTP_PORT", "4318"))
+GRPC_PORT = int(os.environ.get("OTELSPANS_DEMO_GRPC_PORT", "4317"))
+
+#: The example queries: (title, SQL).  Each one joins spans with the native process table.
+EXAMPLES: list[tuple[str, str]] = [
+    (
+        "Latency per process",
+        """SELECT p.exe, p.computer, count(*) AS spans,
+       round(avg(s.duration) / 1e6, 2) AS avg_ms, round(max(s.duration) / 1e6, 2) AS max_ms
+  FROM otel_processes p JOIN otel_spans s USING (process_id)
+ GROUP BY 1, 2 ORDER BY 1, 2""",
+    ),
+    (
+        "Errors by span name",
+        """SELECT s.name, count(*) AS errors
+  FROM otel_processes p JOIN otel_spans s USING (process_id)
+ WHERE s.status = 'ERROR'
+ GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10""",
+    ),
+    (
+        "p50 / p95 latency per service (server spans)",
+        """SELECT p.service_name,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY s.duration) / 1e6)::numeric, 2) AS p50_ms,
+       round((percentile_cont(0.95) WITHIN GROUP (ORDER BY s.duration) / 1e6)::numeric, 2) AS p95_ms
+  FROM otel_processes p JOIN otel_spans s USING (process_id)
+ WHERE s.kind = 'SERVER'
+ GROUP BY 1 ORDER BY 1""",
+    ),
+    (
+        "Slowest spans of the last hour, with their process",
+        """SELECT p.exe, s.name, s.trace_id, round(s.duration / 1e6, 2) AS ms
+  FROM otel_processes p JOIN otel_spans s USING (process_id)
+ WHERE s.start_time >= now() - interval '1 hour'
+ ORDER BY s.duration DESC LIMIT 5""",
+    ),
+]
+
+
+def _cluster(base: Path, port: int) -> LocalCluster:
+    return LocalCluster(base, port=port, settings={"otelspans.python_path": "''"})
+
+
+def _wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answers
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answers at {url}") from None
+            time.sleep(0.2)
+
+
+def _receiver_pid(base: Path) -> int | None:
+    try:
+        pid = int((base / "receiver.pid").read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def start(base: Path, port: int, spans: int) -> int:
+    cluster = _cluster(base, port)
+    print(f"== PostgreSQL in {cluster.datadir} on port {port}", flush=True)
+    cluster.init()
+    if not cluster.is_running():
+        cluster.start()
+    cluster.wait_ready()
+    with psycopg.connect(cluster.dsn(), autocommit=True) as c:
+        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DBNAME,)).fetchone():
+            c.execute(f"CREATE DATABASE {DBNAME}")
+    dsn = cluster.dsn(DBNAME)
+    store = base / "store"
+    store.mkdir(exist_ok=True)
+    os.chmod(store, 0o755)
+    subprocess.run(["chown", "-R", f"{SERVICE_USER}:", str(store)], check=False)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
+        c.execute(f"ALTER SERVER otelspans OPTIONS (SET store {_literal(c, str(store))})")
+    exe = Path(sys.executable).with_name("otelspans")
+
+    if _receiver_pid(base) is None:
+        print(f"== receiver on 127.0.0.1:{HTTP_PORT} (HTTP) and :{GRPC_PORT} (gRPC)", flush=True)
+        log = open(base / "receiver.log", "ab")  # handed to the child
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--dsn", dsn, "--store", str(store),
+             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT)],
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        (base / "receiver.pid").write_text(str(proc.pid))
+    _wait_http(f"http://127.0.0.1:{HTTP_PORT}/v1/traces")
+
+    print(f"== sending about {spans} spans of demo traffic over OTLP/HTTP", flush=True)
+    subprocess.run(
+        [str(exe), "generate", "--endpoint", f"http://127.0.0.1:{HTTP_PORT}",
+         "--spans", str(spans), "--processes", "8"],
+        check=True,
+    )
+    for title, sql in EXAMPLES:
+        print(f"\n== {title}\n{sql};\n", flush=True)
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", DBNAME,
+             "-v", "ON_ERROR_STOP=1", "-P", "pager=off", "-c", sql],
+            check=True,
+        )
+    print(
+        "\nThe demo is running.\n"
+        f"  connect:  psql -h 127.0.0.1 -p {port} -U postgres {DBNAME}\n"
+        f"  send OTLP: OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{HTTP_PORT}\n"
+        "  stop:     make demo-stop"
+    )
+    return 0
+
+
+def _literal(conn: psycopg.Connection, value: str) -> str:
+    from psycopg import sql
+
+    return sql.Literal(value).as_string(conn)
+
+
+def stop(base: Path, port: int) -> int:
+    pid = _receiver_pid(base)
+    if pid is not None:
+        os.killpg(pid, signal.SIGTERM)
+        for _ in range(100):
+            if _receiver_pid(base) is None:
+                break
+            time.sleep(0.1)
+    (base / "receiver.pid").unlink(missing_ok=True)
+    _cluster(base, port).stop()
+    print(f"demo stopped (data kept in {base})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m otelspans_fdw.demo")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--dir", type=Path, default=DEFAULT_BASE)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--spans", type=int, default=20000)
+    args = p.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    if args.action == "start":
+        return start(args.dir, args.port, args.spans)
+    return stop(args.dir, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

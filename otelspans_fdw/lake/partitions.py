@@ -1,0 +1,304 @@
+"""The partition index: which Parquet files hold which blocks' spans, in PostgreSQL.
+
+A partition is ``(process_id, hour)`` where ``hour`` is the UTC hour bucket of the *insert
+time* of its blocks: the content of a partition depends only on which blocks were ingested in
+that hour, so blocks arriving later (even with old spans) land in a new partition and never
+rewrite an old one.  A partition is **fresh** when it covers exactly the blocks that exist
+now, checked cheaply by (block count, block-id checksum, schema version); a stale one is
+brought up to date by :mod:`otelspans_fdw.lake.refresh`.
+
+Tables (created by :func:`ensure_schema`, versioned in ``otel_lake_schema_version`` apart from
+the ingestion schema so the two evolve independently):
+
+``otel_partitions``
+    one row per materialised partition: covered block ids, counts, event-time bounds,
+    ``generation`` (incremented on each update: tests and EXPLAIN see rebuilds).
+``otel_partition_files``
+    the files of a partition (a base file and delta files), with per-file time bounds.
+``otel_retired_files``
+    files replaced by a merge or rebuild, deleted after a grace period (readers that planned
+    before the swap keep reading them).
+``otel_block_errors``
+    blocks that failed to decode: recorded, reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from otelspans_fdw.quals import TimeWindow
+from otelspans_fdw.schema import SCHEMA_VERSION
+
+__all__ = [
+    "LAKE_MIGRATIONS",
+    "FileEntry",
+    "PartitionState",
+    "StoredPartition",
+    "block_checksum",
+    "ensure_schema",
+    "files_for_scan",
+    "hour_blocks",
+    "lock_key",
+    "partition_states",
+    "stored_partition",
+]
+
+HOUR = dt.timedelta(hours=1)
+_LOCK_KEY = int.from_bytes(b"otellake", "big", signed=True)
+
+LAKE_MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE otel_partitions (
+            process_id     uuid NOT NULL,
+            hour           timestamptz NOT NULL,
+            schema_version integer NOT NULL,
+            block_ids      uuid[] NOT NULL,
+            nb_blocks      integer NOT NULL,
+            block_checksum bigint NOT NULL,
+            nb_spans       bigint NOT NULL,
+            nb_rows        bigint NOT NULL,
+            min_time       timestamptz,
+            max_time       timestamptz,
+            generation     integer NOT NULL DEFAULT 1,
+            updated_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+            PRIMARY KEY (process_id, hour)
+        );
+        CREATE TABLE otel_partition_files (
+            path          text PRIMARY KEY,
+            process_id    uuid NOT NULL,
+            hour          timestamptz NOT NULL,
+            nb_rows       bigint NOT NULL,
+            nb_row_groups integer NOT NULL,
+            size          bigint NOT NULL,
+            min_time      timestamptz,
+            max_time      timestamptz,
+            created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+            FOREIGN KEY (process_id, hour) REFERENCES otel_partitions ON DELETE CASCADE
+        );
+        CREATE INDEX otel_partition_files_partition ON otel_partition_files (process_id, hour);
+        CREATE TABLE otel_retired_files (
+            path       text PRIMARY KEY,
+            retired_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE TABLE otel_block_errors (
+            block_id   uuid PRIMARY KEY,
+            process_id uuid NOT NULL,
+            error      text NOT NULL,
+            first_seen timestamptz NOT NULL DEFAULT clock_timestamp(),
+            last_seen  timestamptz NOT NULL DEFAULT clock_timestamp(),
+            attempts   integer NOT NULL DEFAULT 1
+        );
+        """,
+    ),
+]
+
+
+def ensure_schema(conn: psycopg.Connection) -> int:
+    """Create or upgrade the lake tables; return the number of migrations applied.
+
+    Safe to call from every backend at once: the work runs in one transaction behind an
+    advisory lock, and a second caller finds the versions recorded.
+    """
+    applied = 0
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS otel_lake_schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        have = {r[0] for r in conn.execute("SELECT version FROM otel_lake_schema_version")}
+        for version, sql in LAKE_MIGRATIONS:
+            if version not in have:
+                conn.execute(sql)
+                conn.execute(
+                    "INSERT INTO otel_lake_schema_version (version) VALUES (%s)", (version,)
+                )
+                applied += 1
+    return applied
+
+
+def block_checksum(block_ids: Iterable[uuid.UUID]) -> int:
+    """Sum of the first 32 bits (signed) of each id: the SQL side computes the same."""
+    total = 0
+    for b in block_ids:
+        v = b.int >> 96
+        total += v - (1 << 32) if v >= 1 << 31 else v
+    return total
+
+
+# SQL twin of block_checksum.
+_CHECKSUM_SQL = "sum(('x' || left(b.block_id::text, 8))::bit(32)::int::bigint)"
+
+
+def lock_key(process_id: uuid.UUID, hour: dt.datetime) -> int:
+    """The advisory lock key serialising refreshes of one partition."""
+    h = hashlib.blake2b(process_id.bytes + hour.isoformat().encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPartition:
+    """An ``otel_partitions`` row."""
+
+    process_id: uuid.UUID
+    hour: dt.datetime
+    schema_version: int
+    block_ids: frozenset[uuid.UUID]
+    nb_blocks: int
+    block_checksum: int
+    nb_spans: int
+    nb_rows: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """A partition a scan needs, with what exists now and what is materialised."""
+
+    process_id: uuid.UUID
+    hour: dt.datetime
+    nb_blocks: int
+    checksum: int
+    nb_spans: int
+    stored_blocks: int | None
+    stored_checksum: int | None
+    stored_version: int | None
+    stored_rows: int | None
+
+    @property
+    def fresh(self) -> bool:
+        return (
+            self.stored_version == SCHEMA_VERSION
+            and self.stored_blocks == self.nb_blocks
+            and self.stored_checksum == self.checksum
+        )
+
+
+_STATES_SQL = f"""
+WITH hours AS (
+    SELECT DISTINCT b.process_id, date_bin('1 hour', b.insert_time, 'epoch') AS hour
+    FROM otel_blocks b
+    WHERE b.process_id = ANY(%(pids)s)
+      AND b.begin_time <= %(end)s AND greatest(b.end_time, b.begin_time) >= %(begin)s
+), cur AS (
+    SELECT h.process_id, h.hour, count(*) AS nb_blocks, {_CHECKSUM_SQL} AS checksum,
+           sum(b.nb_spans - b.nb_rejected) AS nb_spans
+    FROM hours h
+    JOIN otel_blocks b ON b.process_id = h.process_id
+     AND b.insert_time >= h.hour AND b.insert_time < h.hour + interval '1 hour'
+    GROUP BY h.process_id, h.hour
+)
+SELECT c.process_id, c.hour, c.nb_blocks, c.checksum, c.nb_spans,
+       p.nb_blocks, p.block_checksum, p.schema_version, p.nb_rows
+FROM cur c LEFT JOIN otel_partitions p USING (process_id, hour)
+ORDER BY c.process_id, c.hour
+"""
+
+_INF_PAST = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+_INF_FUTURE = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def partition_states(
+    conn: psycopg.Connection, process_ids: Sequence[uuid.UUID], window: TimeWindow
+) -> list[PartitionState]:
+    """The partitions holding spans of ``process_ids`` that may overlap ``window``.
+
+    Hours are those of the blocks whose event-time range overlaps the window; each partition
+    then stands for every block inserted in its hour.
+    """
+    if not process_ids:
+        return []
+    rows = conn.execute(
+        _STATES_SQL,
+        {
+            "pids": list(process_ids),
+            "begin": window.begin or _INF_PAST,
+            "end": window.end or _INF_FUTURE,
+        },
+    ).fetchall()
+    return [
+        PartitionState(r[0], r[1], int(r[2]), int(r[3]), int(r[4] or 0), r[5], r[6], r[7], r[8])
+        for r in rows
+    ]
+
+
+def stored_partition(
+    conn: psycopg.Connection, process_id: uuid.UUID, hour: dt.datetime
+) -> StoredPartition | None:
+    """The materialised partition row, if any."""
+    r = conn.execute(
+        "SELECT schema_version, block_ids, nb_blocks, block_checksum, nb_spans, nb_rows,"
+        " generation FROM otel_partitions WHERE process_id = %s AND hour = %s",
+        (process_id, hour),
+    ).fetchone()
+    if r is None:
+        return None
+    return StoredPartition(process_id, hour, r[0], frozenset(r[1]), r[2], r[3], r[4], r[5], r[6])
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    """The ``otel_blocks`` columns a refresh needs."""
+
+    block_id: uuid.UUID
+    stream_id: uuid.UUID
+    insert_time: dt.datetime
+    object_path: str
+    nb_spans: int
+
+
+def hour_blocks(
+    conn: psycopg.Connection, process_id: uuid.UUID, hour: dt.datetime
+) -> list[BlockRow]:
+    """Every block of the process inserted in ``[hour, hour + 1h)``."""
+    rows = conn.execute(
+        "SELECT block_id, stream_id, insert_time, object_path, nb_spans FROM otel_blocks"
+        " WHERE process_id = %s AND insert_time >= %s AND insert_time < %s ORDER BY block_id",
+        (process_id, hour, hour + HOUR),
+    ).fetchall()
+    return [BlockRow(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One Parquet file a scan may read."""
+
+    path: str
+    process_id: uuid.UUID
+    hour: dt.datetime
+    nb_rows: int
+    nb_row_groups: int
+    size: int
+
+
+def files_for_scan(
+    conn: psycopg.Connection,
+    keys: Sequence[tuple[uuid.UUID, dt.datetime]],
+    window: TimeWindow,
+) -> list[FileEntry]:
+    """Files of the given partitions whose event-time range overlaps ``window``."""
+    if not keys:
+        return []
+    rows = conn.execute(
+        "SELECT f.path, f.process_id, f.hour, f.nb_rows, f.nb_row_groups, f.size"
+        " FROM otel_partition_files f"
+        " JOIN unnest(%s::uuid[], %s::timestamptz[]) AS k(process_id, hour)"
+        "   ON f.process_id = k.process_id AND f.hour = k.hour"
+        " WHERE f.min_time <= %s AND f.max_time >= %s"
+        " ORDER BY f.process_id, f.hour, f.path",
+        (
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            window.end or _INF_FUTURE,
+            window.begin or _INF_PAST,
+        ),
+    ).fetchall()
+    return [FileEntry(*r) for r in rows]

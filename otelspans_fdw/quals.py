@@ -1,0 +1,246 @@
+"""Multicorn quals -> a scan request: process ids, a time window, and simple predicates.
+
+This module is the predicate *model* only; translators live elsewhere
+(:mod:`otelspans_fdw.lake.filters` turns a request into a pyarrow expression, the wrapper's
+``explain`` into text), as pyiceberg keeps expressions apart from their visitors.
+
+Rules (PostgreSQL rechecks every qual, so anything we do not understand is simply not pushed):
+
+* ``process_id``: ``=`` a value, ``IN (...)``/``= ANY(...)``; several such quals intersect.
+  ``= NULL`` or ``IS NULL`` can match nothing.
+* ``start_time``/``end_time`` with ``= < <= > >=`` narrow the window ``[begin, end]`` (BETWEEN
+  arrives as two quals).  Any row satisfying the quals overlaps the window, so the store is
+  scanned with the overlap filter ``start_time <= end AND end_time >= begin``; spans crossing
+  the edges survive.  The comparisons themselves are also pushed as exact predicates.
+* other columns: equality-type comparisons on text (``=``, ``<>``, lists, ``IS [NOT] NULL``);
+  ordering comparisons only where the order is the same in Arrow and PostgreSQL (numbers,
+  timestamps; never text, whose order depends on the collation).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "Op",
+    "Predicate",
+    "QualLike",
+    "ScanRequest",
+    "TimeWindow",
+    "scan_request",
+]
+
+Op = Literal["=", "<>", "<", "<=", ">", ">=", "in", "is_null", "not_null"]
+
+_COMPARISONS = frozenset({"=", "<>", "<", "<=", ">", ">="})
+_ORDERED = frozenset({"<", "<=", ">", ">="})
+
+# Columns and the Python value types a predicate on them may carry.
+_TEXT = (str,)
+_TEXT_COLUMNS = frozenset(
+    {
+        "trace_id",
+        "span_id",
+        "parent_span_id",
+        "name",
+        "kind",
+        "status",
+        "status_message",
+        "exe",
+        "username",
+        "computer",
+    }
+)
+_INT_COLUMNS = frozenset({"duration"})
+_TIME_COLUMNS = frozenset({"start_time", "end_time", "insert_time"})
+_UUID_COLUMNS = frozenset({"stream_id", "block_id"})
+
+
+class QualLike(Protocol):
+    """What we read from a Multicorn ``Qual`` (ours or multicorn2's)."""
+
+    field_name: str
+    operator: Any
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Predicate:
+    """``column op value`` with a value already checked against the column's type."""
+
+    column: str
+    op: Op
+    value: Any = None
+
+    def __str__(self) -> str:
+        if self.op == "is_null":
+            return f"{self.column} IS NULL"
+        if self.op == "not_null":
+            return f"{self.column} IS NOT NULL"
+        if self.op == "in":
+            return f"{self.column} IN ({', '.join(_lit(v) for v in self.value)})"
+        return f"{self.column} {self.op} {_lit(self.value)}"
+
+
+def _lit(v: Any) -> str:
+    if isinstance(v, dt.datetime):
+        return f"'{v.isoformat()}'"
+    if isinstance(v, str | uuid.UUID):
+        return f"'{v}'"
+    return str(v)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """``[begin, end]`` (either side open when None); rows must overlap it."""
+
+    begin: dt.datetime | None = None
+    end: dt.datetime | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.begin is not None and self.end is not None and self.begin > self.end
+
+    def narrow(
+        self, begin: dt.datetime | None = None, end: dt.datetime | None = None
+    ) -> TimeWindow:
+        """The intersection with ``[begin, end]``."""
+        b = self.begin if begin is None or (self.begin and self.begin >= begin) else begin
+        e = self.end if end is None or (self.end and self.end <= end) else end
+        return TimeWindow(b, e)
+
+    def __str__(self) -> str:
+        b = self.begin.isoformat() if self.begin else "-infinity"
+        e = self.end.isoformat() if self.end else "infinity"
+        return f"[{b}, {e}]"
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRequest:
+    """What a scan must return, as far as the quals say.
+
+    ``process_ids`` is None when no qual names the process (the wrapper refuses such scans);
+    an empty set means no row can match.
+    """
+
+    process_ids: frozenset[uuid.UUID] | None = None
+    window: TimeWindow = field(default_factory=TimeWindow)
+    predicates: tuple[Predicate, ...] = ()
+    matches_nothing: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return self.matches_nothing or self.window.is_empty or self.process_ids == frozenset()
+
+
+def _as_uuid(v: Any) -> uuid.UUID | None:
+    if isinstance(v, uuid.UUID):
+        return v
+    if isinstance(v, str):
+        try:
+            return uuid.UUID(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _aware(v: Any) -> dt.datetime | None:
+    if isinstance(v, dt.datetime) and v.tzinfo is not None:
+        return v
+    return None
+
+
+def _value_ok(column: str, v: Any) -> bool:
+    if column in _TEXT_COLUMNS:
+        return isinstance(v, _TEXT)
+    if column in _INT_COLUMNS:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if column in _TIME_COLUMNS:
+        return _aware(v) is not None
+    if column in _UUID_COLUMNS:
+        return isinstance(v, uuid.UUID)
+    return False
+
+
+def _op_of(q: QualLike) -> tuple[str, bool | None]:
+    op = q.operator
+    if isinstance(op, tuple):
+        return str(op[0]), bool(op[1])
+    return str(op), None
+
+
+def _predicate(q: QualLike) -> Predicate | None:
+    """The pushable predicate of a non-process qual, or None."""
+    col = q.field_name
+    op, any_all = _op_of(q)
+    v = q.value
+    if col not in _TEXT_COLUMNS | _INT_COLUMNS | _TIME_COLUMNS | _UUID_COLUMNS:
+        return None
+    if v is None and any_all is None:
+        if op == "=":
+            return Predicate(col, "is_null")
+        if op == "<>":
+            return Predicate(col, "not_null")
+        return None
+    if any_all is not None:
+        if op == "=" and any_all and isinstance(v, list | tuple):
+            vals = tuple(x for x in v if x is not None)
+            if all(_value_ok(col, x) for x in vals):
+                return Predicate(col, "in", vals)
+        return None
+    if op not in _COMPARISONS or not _value_ok(col, v):
+        return None
+    if op in _ORDERED and col in _TEXT_COLUMNS:
+        return None  # text order depends on the collation: leave it to PostgreSQL
+    return Predicate(col, op, v)  # type: ignore[arg-type]
+
+
+def _narrow_window(window: TimeWindow, col: str, op: str, v: dt.datetime) -> TimeWindow:
+    """Apply ``col op v`` (col is start_time or end_time) to the window."""
+    if op in (">", ">="):
+        return window.narrow(begin=v)
+    if op in ("<", "<="):
+        return window.narrow(end=v)
+    if op == "=":
+        return window.narrow(begin=v, end=v)
+    return window
+
+
+def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
+    """Translate the quals the host offers into a :class:`ScanRequest`."""
+    pids: frozenset[uuid.UUID] | None = None
+    window = TimeWindow()
+    preds: list[Predicate] = []
+    nothing = False
+    for q in quals:
+        col = q.field_name
+        op, any_all = _op_of(q)
+        if col == "process_id":
+            if op != "=" or any_all is False:
+                continue
+            if any_all:
+                vals = q.value if isinstance(q.value, list | tuple) else []
+                ids = frozenset(u for u in map(_as_uuid, vals) if u is not None)
+            else:
+                u = _as_uuid(q.value)
+                ids = frozenset([u]) if u is not None else frozenset()
+            pids = ids if pids is None else pids & ids
+            continue
+        if col in ("start_time", "end_time") and any_all is None:
+            t = _aware(q.value)
+            if t is not None:
+                window = _narrow_window(window, col, op, t)
+            elif q.value is None and op in _COMPARISONS:
+                nothing = True  # start_time/end_time are NOT NULL; comparing with NULL: no row
+        elif col in ("start_time", "end_time") and any_all and op == "=":
+            times = [t for t in map(_aware, q.value or []) if t is not None]
+            if times and len(times) == len(q.value):
+                window = window.narrow(begin=min(times), end=max(times))
+        p = _predicate(q)
+        if p is not None:
+            preds.append(p)
+    return ScanRequest(pids, window, tuple(preds), nothing)
