@@ -105,34 +105,72 @@ def start(base: Path, port: int, spans: int) -> int:
     store = base / "store"
     store.mkdir(exist_ok=True)
     os.chmod(store, 0o755)
-    subprocess.run(["chown", "-R", f"{SERVICE_USER}:", str(store)], check=False)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", f"{SERVICE_USER}:", str(store), str(base)], check=True)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
-        c.execute(f"ALTER SERVER otelspans OPTIONS (SET store {_literal(c, str(store))})")
+        _set_server_option(c, "otel_spans_server", "store", str(store))
     exe = Path(sys.executable).with_name("otelspans")
 
     if _receiver_pid(base) is None:
         print(f"== receiver on 127.0.0.1:{HTTP_PORT} (HTTP) and :{GRPC_PORT} (gRPC)", flush=True)
         log = open(base / "receiver.log", "ab")  # handed to the child
+        as_service = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
         proc = subprocess.Popen(
-            [str(exe), "serve", "--dsn", dsn, "--store", str(store),
-             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT)],
-            stdout=log, stderr=log, start_new_session=True,
+            [
+                *as_service,
+                str(exe),
+                "serve",
+                "--dsn",
+                dsn,
+                "--store",
+                str(store),
+                "--http-port",
+                str(HTTP_PORT),
+                "--grpc-port",
+                str(GRPC_PORT),
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         (base / "receiver.pid").write_text(str(proc.pid))
     _wait_http(f"http://127.0.0.1:{HTTP_PORT}/v1/traces")
 
     print(f"== sending about {spans} spans of demo traffic over OTLP/HTTP", flush=True)
     subprocess.run(
-        [str(exe), "generate", "--endpoint", f"http://127.0.0.1:{HTTP_PORT}",
-         "--spans", str(spans), "--processes", "8"],
+        [
+            str(exe),
+            "generate",
+            "--endpoint",
+            f"http://127.0.0.1:{HTTP_PORT}",
+            "--spans",
+            str(spans),
+            "--processes",
+            "8",
+        ],
         check=True,
     )
     for title, sql in EXAMPLES:
         print(f"\n== {title}\n{sql};\n", flush=True)
         subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", DBNAME,
-             "-v", "ON_ERROR_STOP=1", "-P", "pager=off", "-c", sql],
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-d",
+                DBNAME,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-P",
+                "pager=off",
+                "-c",
+                sql,
+            ],
             check=True,
         )
     print(
@@ -144,10 +182,21 @@ def start(base: Path, port: int, spans: int) -> int:
     return 0
 
 
-def _literal(conn: psycopg.Connection, value: str) -> str:
+def _set_server_option(conn: psycopg.Connection, server: str, name: str, value: str) -> None:
+    """ALTER SERVER ... OPTIONS (ADD or SET name value), whichever applies."""
     from psycopg import sql
 
-    return sql.Literal(value).as_string(conn)
+    row = conn.execute(
+        "SELECT coalesce(%s = ANY (SELECT split_part(o, '=', 1) FROM unnest(srvoptions) o), false)"
+        " FROM pg_foreign_server WHERE srvname = %s",
+        (name, server),
+    ).fetchone()
+    verb = sql.SQL("SET" if row and row[0] else "ADD")
+    conn.execute(
+        sql.SQL("ALTER SERVER {} OPTIONS ({} {} {})").format(
+            sql.Identifier(server), verb, sql.Identifier(name), sql.Literal(value)
+        )
+    )
 
 
 def stop(base: Path, port: int) -> int:
@@ -169,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("--dir", type=Path, default=DEFAULT_BASE)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--spans", type=int, default=20000)
+    p.add_argument(
+        "--spans", type=int, default=int(os.environ.get("OTELSPANS_DEMO_SPANS", "20000"))
+    )
     args = p.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.action == "start":
