@@ -11,6 +11,7 @@
  *	options.c	option validation, option gathering, the per-table instance cache
  *	python.c	the embedded interpreter, errors, signals, value conversion
  *	arrow.c		Arrow C Data Interface -> tuples, column by column
+ *	functions.c	SQL-callable functions (the Python call bridge)
  *
  * IDENTIFICATION
  *		  ext/otelspans.h

@@ -15,3 +15,12 @@ LANGUAGE C STRICT;
 CREATE FOREIGN DATA WRAPPER otelspans_fdw
   HANDLER otelspans_fdw_handler
   VALIDATOR otelspans_fdw_validator;
+
+-- Run a Python function (module.function) inside the backend with JSON arguments and
+-- result.  Arbitrary code: superusers only; maintenance functions wrap it.
+CREATE FUNCTION otelspans_call(function text, args jsonb DEFAULT '{}')
+RETURNS jsonb
+AS 'MODULE_PATHNAME'
+LANGUAGE C;
+
+REVOKE ALL ON FUNCTION otelspans_call(text, jsonb) FROM PUBLIC;

@@ -431,3 +431,20 @@ def test_values_round_trip_decimal_and_big_ints(db: Session) -> None:
     assert "n|>|Decimal('4.5')|Decimal" in db.executes()[0]
     db.rows("SELECT id FROM echo WHERE id = 9223372036854775807")
     assert "id|=|9223372036854775807|int" in db.executes()[0]
+
+
+# --- the Python call bridge -----------------------------------------------------------------
+
+
+def test_otelspans_call_runs_python_with_json_in_and_out(db: Session, fresh_dsn: str) -> None:
+    assert db.rows("SELECT otelspans_call('json.loads', '{\"s\": \"[1, 2]\"}')") == [([1, 2],)]
+    with pytest.raises(errors.ExternalRoutineException, match="has no attribute 'nope'"):
+        db.rows("SELECT otelspans_call('os.nope')")
+    with pytest.raises(errors.InvalidParameterValue) as e:
+        db.rows("SELECT otelspans_call('nodot')")
+    assert e.value.diag.message_hint == "Give it as module.function."
+    role = "r_" + uuid.uuid4().hex[:8]
+    db.conn.execute(f"CREATE ROLE {role} LOGIN")
+    with psycopg.connect(fresh_dsn.replace("user=postgres", f"user={role}")) as c:
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute("SELECT otelspans_call('os.getpid')")
