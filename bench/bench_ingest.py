@@ -50,7 +50,10 @@ def start_receiver(dsn: str, store: Path, extra: list[str]) -> tuple[subprocess.
         "0",
         *extra,
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    # cwd = the repository: `-m otelspans_fdw.cli` runs the working tree, not an installed copy.
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     fields = dict(p.split("=") for p in line.split() if "=" in p)

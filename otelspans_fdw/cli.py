@@ -64,6 +64,26 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="do not fsync local payload files (survives a receiver crash, not an OS crash)",
     )
     p.add_argument("--no-migrate", action="store_true", help="do not apply metadata migrations")
+    p.add_argument(
+        "--no-trace-index",
+        action="store_true",
+        default=os.environ.get("OTELSPANS_TRACE_INDEX", "").strip().lower()
+        in ("0", "off", "false", "no"),
+        help="do not write otel_trace_blocks (trace_id lookups across processes will miss "
+        "these spans; for measuring the index's cost; default $OTELSPANS_TRACE_INDEX=off)",
+    )
+    p.add_argument(
+        "--commit-lanes",
+        type=int,
+        default=int(os.environ.get("OTELSPANS_COMMIT_LANES", "2")),
+        help="metadata transactions written concurrently by the group commit (default 2)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("OTELSPANS_METRICS_PORT", "-1")),
+        help="also serve GET /metrics on this port (-1: only on the HTTP port; 0: a free port)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -86,6 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_inflight_bytes=args.max_inflight_bytes,
         ),
         migrate=not args.no_migrate,
+        trace_index=not args.no_trace_index,
+        metrics_port=args.metrics_port,
+        commit_lanes=args.commit_lanes,
     )
     serve(config)
     return 0
@@ -175,8 +198,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="counts of processes, streams, blocks and spans")
+    p = sub.add_parser(
+        "status", help="counts of processes, streams, blocks and spans (+ a receiver's metrics)"
+    )
     _common_db(p)
+    p.add_argument(
+        "--receiver",
+        default=None,
+        metavar="URL",
+        help="also read this receiver's /metrics (e.g. http://127.0.0.1:4318)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -187,12 +218,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     with db.connect(args.dsn) as conn:
         version = db.current_version(conn)
         counts = db.status_counts(conn) if version else {}
+    receiver = None
+    if args.receiver:
+        from otelspans_fdw.ingest.scrape import scrape
+
+        receiver = scrape(args.receiver)
     if args.json:
-        print(json.dumps({"schema_version": version, **counts}))
+        out = {"schema_version": version, **counts}
+        if receiver is not None:
+            out["receiver"] = receiver
+        print(json.dumps(out))
     else:
         print(f"schema_version {version}")
         for k, v in counts.items():
             print(f"{k:<14}{v:>14,}")
+        if receiver is not None:
+            from otelspans_fdw.ingest.scrape import format_summary
+
+            print()
+            print("\n".join(format_summary(receiver)))
     return 0
 
 

@@ -16,6 +16,13 @@ Tables (names and columns are relied on by the lake and the wrapper):
 ``otel_blocks``
     one row per stored ``ResourceSpans`` payload, at ``object_path`` in the object store.
     ``begin_time_ns``/``end_time_ns`` keep the nanosecond bounds that ``timestamptz`` cannot.
+``otel_trace_blocks`` (migration 2, issue 6)
+    the trace index: one row per distinct valid trace id per block, with the block's process and
+    the min start / max end of that trace's spans in the block, so ``trace_id = X`` without a
+    process finds its blocks with one B-tree probe (see :mod:`otelspans_fdw.traces`).  Written
+    by the receiver in the same transaction as the block rows, only for blocks that transaction
+    inserted (no duplicates on retries).  Receivers started with ``--no-trace-index`` leave it
+    empty for their blocks.
 """
 
 from __future__ import annotations
@@ -80,6 +87,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         CREATE INDEX otel_blocks_process_insert ON otel_blocks (process_id, insert_time);
         CREATE INDEX otel_blocks_process_time ON otel_blocks (process_id, begin_time, end_time);
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE otel_trace_blocks (
+            trace_id   uuid NOT NULL,
+            block_id   uuid NOT NULL,
+            process_id uuid NOT NULL,
+            begin_time timestamptz NOT NULL,
+            end_time   timestamptz NOT NULL
+        );
+        CREATE INDEX otel_trace_blocks_trace ON otel_trace_blocks (trace_id);
         """,
     ),
 ]

@@ -5,7 +5,8 @@ Modules: :mod:`.decode` (requests -> blocks, no I/O), :mod:`.identity` (UUIDv5 i
 :mod:`.groupcommit` (shared transactions), :mod:`.pipeline` (admission, store-then-commit),
 :mod:`.http` and :mod:`.grpc_service` (transports), :mod:`.server` (the receiver process),
 :mod:`.files` (``otelspans ingest FILE``), :mod:`.cleanup` (orphan payloads),
-:mod:`.demo` (``otelspans generate`` traffic).
+:mod:`.demo` (``otelspans generate`` traffic), :mod:`.metrics` (Prometheus ``/metrics``),
+:mod:`.scrape` (``otelspans status --receiver``).
 """
 
 from __future__ import annotations

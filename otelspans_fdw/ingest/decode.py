@@ -4,8 +4,9 @@ A request body (protobuf or OTLP/JSON, already decompressed) is parsed into an
 ``ExportTraceServiceRequest``; each ``ResourceSpans`` with at least one span becomes one
 :class:`Block` whose payload is that ``ResourceSpans`` re-serialised as protobuf, whatever the
 request's encoding, so readers know one format.  Decoding stays minimal because it is the
-receiver's hot path: per block we only re-serialise, count spans, take min/max times and check
-ids.  Spans with bad trace/span id lengths or zero timestamps are kept in the payload but counted
+receiver's hot path: per block we only re-serialise, count spans, take min/max times, check
+ids and note each distinct trace id with its min start / max end (the trace index, issue 6).
+Spans with bad trace/span id lengths or zero timestamps are kept in the payload but counted
 as rejected (reported in OTLP ``partial_success`` and skipped at materialisation).
 """
 
@@ -72,6 +73,8 @@ class Block:
     nb_rejected: int
     begin_ns: int | None
     end_ns: int | None
+    #: distinct valid trace ids of the block -> [min start ns, max end ns] of their spans here
+    traces: dict[bytes, list[int]] = field(default_factory=dict)
 
     @property
     def object_path(self) -> str:
@@ -200,6 +203,7 @@ def _block(rs: ResourceSpans) -> Block | None:
     rejected = 0
     begin = 0
     end = 0
+    traces: dict[bytes, list[int]] = {}
     for ss in rs.scope_spans:
         for s in ss.spans:
             nb += 1
@@ -209,8 +213,19 @@ def _block(rs: ResourceSpans) -> Block | None:
                 begin = st
             if en > end:
                 end = en
-            if not st or not en or len(s.trace_id) != 16 or len(s.span_id) != 8:
+            tid = s.trace_id
+            if not st or not en or len(tid) != 16 or len(s.span_id) != 8:
                 rejected += 1
+                continue
+            # One dict probe per span: the distinct trace ids of the block for the trace index.
+            t = traces.get(tid)
+            if t is None:
+                traces[tid] = [st, en]
+            else:
+                if st < t[0]:
+                    t[0] = st
+                if en > t[1]:
+                    t[1] = en
     if nb == 0:
         return None
     attrs = {kv.key: anyvalue_to_py(kv.value) for kv in rs.resource.attributes}
@@ -225,6 +240,7 @@ def _block(rs: ResourceSpans) -> Block | None:
         nb_rejected=rejected,
         begin_ns=begin or None,
         end_ns=end or None,
+        traces=traces,
     )
 
 

@@ -1,11 +1,16 @@
 """Group commit: concurrent requests share one metadata transaction.
 
-Each request hands its blocks to :meth:`GroupCommitter.commit` and waits.  One task drains
-everything that queued up while the previous transaction ran and writes it in a single
-transaction, so the commit rate stops bounding the request rate.  A request is acknowledged only
-after the transaction holding its rows committed; if the database is unreachable every waiter
-gets :class:`MetadataError` (HTTP 503 / gRPC UNAVAILABLE) and the connection is rebuilt on the
-next batch.
+Each request hands its blocks to :meth:`GroupCommitter.commit` and waits.  A writer ("lane")
+drains everything that queued up while its previous transaction ran and writes it in a single
+transaction, so the commit rate stops bounding the request rate.  ``lanes`` writers (each with
+its own connection, default 2) run transactions concurrently: while one waits on PostgreSQL the
+next batch is already being written, which keeps the receiver busy when a transaction got
+longer (the trace index's COPY, issue 6).  Concurrent transactions are safe: every statement
+inserts its keys in sorted order, table by table, so two of them never deadlock.
+
+A request is acknowledged only after the transaction holding its rows committed; if the
+database is unreachable every waiter gets :class:`MetadataError` (HTTP 503 / gRPC
+UNAVAILABLE) and that writer's connection is rebuilt on its next batch.
 """
 
 from __future__ import annotations
@@ -29,31 +34,46 @@ log = logging.getLogger(__name__)
 class GroupCommitter:
     """Batches metadata writes from concurrent requests into shared transactions."""
 
-    def __init__(self, dsn: str, *, connect_timeout: float = 5.0, max_batch_blocks: int = 5000):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        connect_timeout: float = 5.0,
+        max_batch_blocks: int = 5000,
+        trace_index: bool = True,
+        lanes: int = 2,
+    ):
         self.dsn = dsn
+        self.lanes = max(1, lanes)
+        self.trace_index = trace_index
         self.connect_timeout = connect_timeout
         self.max_batch_blocks = max_batch_blocks
-        self._conn: psycopg.AsyncConnection | None = None
+        self._conns: list[psycopg.AsyncConnection | None] = [None] * self.lanes
         self._pending: list[tuple[Sequence[Block], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.transactions = 0
 
     async def start(self) -> None:
-        """Start the commit task (connection is opened lazily, so a down database is not fatal)."""
-        self._task = asyncio.create_task(self._run(), name="otelspans-group-commit")
+        """Start the writers (connections open lazily, so a down database is not fatal)."""
+        self._tasks = [
+            asyncio.create_task(self._run(i), name=f"otelspans-group-commit-{i}")
+            for i in range(self.lanes)
+        ]
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for _, fut in self._pending:
             if not fut.done():
                 fut.set_exception(MetadataError("receiver shutting down"))
         self._pending.clear()
-        if self._conn is not None:
-            await self._conn.close()
+        for conn in self._conns:
+            if conn is not None:
+                await conn.close()
 
     async def commit(self, blocks: Sequence[Block]) -> None:
         """Return once the rows of ``blocks`` are committed."""
@@ -64,15 +84,25 @@ class GroupCommitter:
         self._wake.set()
         await fut
 
-    async def _connection(self) -> psycopg.AsyncConnection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+    async def _connection(self, lane: int) -> psycopg.AsyncConnection:
+        conn = self._conns[lane]
+        if conn is None or conn.closed or conn.broken:
             try:
-                self._conn = await psycopg.AsyncConnection.connect(
+                conn = await psycopg.AsyncConnection.connect(
                     self.dsn, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))
                 )
             except psycopg.Error as e:
                 raise MetadataError(f"metadata database unreachable: {e}") from e
-        return self._conn
+            self._conns[lane] = conn
+        return conn
+
+    async def _drop(self, lane: int, *, only_broken: bool = False) -> None:
+        conn = self._conns[lane]
+        if conn is None or (only_broken and not conn.broken):
+            return
+        with contextlib.suppress(Exception):
+            await conn.close()
+        self._conns[lane] = None
 
     def _take_batch(self) -> list[tuple[Sequence[Block], asyncio.Future[None]]]:
         batch: list[tuple[Sequence[Block], asyncio.Future[None]]] = []
@@ -85,7 +115,7 @@ class GroupCommitter:
             n += len(item[0])
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, lane: int) -> None:
         while True:
             if not self._pending:
                 self._wake.clear()
@@ -96,23 +126,19 @@ class GroupCommitter:
                 continue
             blocks = [blk for b, _ in live for blk in b]
             try:
-                conn = await self._connection()
-                await write_blocks_async(conn, blocks)
+                conn = await self._connection(lane)
+                await write_blocks_async(conn, blocks, trace_index=self.trace_index)
                 self.transactions += 1
             except MetadataError as e:
                 err: BaseException = e
             except psycopg.OperationalError as e:
                 log.warning("metadata write failed: %s", e)
                 err = MetadataError(f"metadata database unavailable: {e}")
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        await self._conn.close()
-                    self._conn = None
+                await self._drop(lane)
             except Exception as e:  # a bug or constraint problem: report, keep serving
                 log.exception("metadata write failed")
                 err = MetadataError(f"metadata write failed: {e}")
-                if self._conn is not None and self._conn.broken:
-                    self._conn = None
+                await self._drop(lane, only_broken=True)
             else:
                 for _, f in live:
                     if not f.done():

@@ -51,10 +51,12 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         try:
-            md = dict(context.invocation_metadata() or ())
-            check_bearer(self.token, md.get("authorization"))
-            with self.ingestor.admission.admit(len(request)):
-                return await self.ingestor.store_decoded(decode_request(request))
+            with self.ingestor.metrics.observe("grpc") as record:
+                md = dict(context.invocation_metadata() or ())
+                check_bearer(self.token, md.get("authorization"))
+                with self.ingestor.admission.admit(len(request)):
+                    record.decoded = decode_request(request)
+                    return await self.ingestor.store_decoded(record.decoded)
         except OtelSpansError as e:
             await context.abort(_code(e), str(e))
             raise  # unreachable: abort raises

@@ -12,6 +12,7 @@ import logging
 from aiohttp import web
 from google.protobuf import json_format
 from google.rpc import status_pb2
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from otelspans_fdw.exceptions import (
     AuthenticationError,
@@ -28,11 +29,12 @@ from otelspans_fdw.ingest.body import decode_content, is_json_content_type
 from otelspans_fdw.ingest.decode import decode_request
 from otelspans_fdw.ingest.pipeline import Ingestor
 
-__all__ = ["TRACES_PATH", "make_app"]
+__all__ = ["METRICS_PATH", "TRACES_PATH", "make_app", "make_metrics_app"]
 
 log = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
+METRICS_PATH = "/metrics"
 CHUNK = 256 * 1024
 
 # (HTTP status, google.rpc.Code) per error class, most specific first.
@@ -91,22 +93,23 @@ def make_app(ingestor: Ingestor, *, token: str | None = None) -> web.Application
     async def traces(request: web.Request) -> web.Response:
         as_json: bool | None = None
         try:
-            check_bearer(token, request.headers.get("Authorization"))
-            as_json = is_json_content_type(request.headers.get("Content-Type", ""))
-            declared = request.content_length or 0
-            if declared > limits.max_body:
-                raise PayloadTooLargeError(
-                    f"request body of {declared} bytes is over the limit of {limits.max_body}"
-                )
-            with ingestor.admission.admit(declared):
-                chunks = await _read_body(request, limits.max_body)
-                body = decode_content(
-                    chunks, request.headers.get("Content-Encoding", ""), limits.max_body
-                )
-                del chunks
-                decoded = decode_request(body, json_encoded=as_json)
-                del body
-                resp = await ingestor.store_decoded(decoded)
+            with ingestor.metrics.observe("http") as record:
+                check_bearer(token, request.headers.get("Authorization"))
+                as_json = is_json_content_type(request.headers.get("Content-Type", ""))
+                declared = request.content_length or 0
+                if declared > limits.max_body:
+                    raise PayloadTooLargeError(
+                        f"request body of {declared} bytes is over the limit of {limits.max_body}"
+                    )
+                with ingestor.admission.admit(declared):
+                    chunks = await _read_body(request, limits.max_body)
+                    body = decode_content(
+                        chunks, request.headers.get("Content-Encoding", ""), limits.max_body
+                    )
+                    del chunks
+                    record.decoded = decode_request(body, json_encoded=as_json)
+                    del body
+                    resp = await ingestor.store_decoded(record.decoded)
         except OtelSpansError as e:
             err = _error_response(e, as_json, limits.retry_after_seconds)
             if isinstance(e, PayloadTooLargeError | OverloadedError):
@@ -120,4 +123,23 @@ def make_app(ingestor: Ingestor, *, token: str | None = None) -> web.Application
 
     app = web.Application(client_max_size=limits.max_body)
     app.router.add_post(TRACES_PATH, traces)
+    _add_metrics_route(app, ingestor)
+    return app
+
+
+def _add_metrics_route(app: web.Application, ingestor: Ingestor) -> None:
+    """``GET /metrics``: unauthenticated like most exporters (it holds counts, not spans)."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        resp = web.Response(body=ingestor.metrics.exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app.router.add_get(METRICS_PATH, metrics)
+
+
+def make_metrics_app(ingestor: Ingestor) -> web.Application:
+    """An application serving only ``GET /metrics`` (for ``--metrics-port``)."""
+    app = web.Application()
+    _add_metrics_route(app, ingestor)
     return app

@@ -5,11 +5,17 @@ per batch whatever its size, so that many concurrent requests can share one comm
 :mod:`otelspans_fdw.ingest.groupcommit`).  Every insert is ``ON CONFLICT DO NOTHING``: ids are
 deterministic, so retries and concurrent receivers converge; keys are sorted so that two
 receivers committing overlapping batches lock rows in the same order and never deadlock.
+
+The trace index (``otel_trace_blocks``, issue 6) is written in the same transaction with one
+binary ``COPY`` built here with :mod:`struct` (no per-value adaptation), and only for the blocks
+that the ``INSERT ... RETURNING`` of this transaction really inserted, so retried or concurrently
+sent blocks never duplicate index rows although the index table has no unique key.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -20,7 +26,16 @@ import psycopg
 from otelspans_fdw.ingest.decode import Block
 from otelspans_fdw.ingest.identity import STREAM_FORMAT, STREAM_TAGS
 
-__all__ = ["SQL_BLOCKS", "SQL_PROCESSES", "SQL_STREAMS", "batch_params", "write_blocks"]
+__all__ = [
+    "SQL_BLOCKS",
+    "SQL_PROCESSES",
+    "SQL_STREAMS",
+    "SQL_TRACE_COPY",
+    "batch_params",
+    "trace_copy_data",
+    "write_blocks",
+    "write_blocks_async",
+]
 
 SQL_PROCESSES = """
 INSERT INTO otel_processes
@@ -47,7 +62,23 @@ SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[], %s::timestamptz[], %s::
                      %s::int8[], %s::int8[], %s::int4[], %s::int4[], %s::int8[], %s::text[])
 ORDER BY 1
 ON CONFLICT (block_id) DO NOTHING
+RETURNING block_id
 """
+
+SQL_TRACE_COPY = (
+    "COPY otel_trace_blocks (trace_id, block_id, process_id, begin_time, end_time)"
+    " FROM STDIN (FORMAT BINARY)"
+)
+
+# Binary COPY framing: signature + flags + header extension length, and the end marker.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2
+_COPY_TRAILER = b"\xff\xff"
+# A row: 5 fields; trace_id (len 16 + bytes), then the block's constant 44 bytes (block_id and
+# process_id with their lengths, and the length of begin_time), begin_time, len 8, end_time.
+_ROW = struct.Struct(">hi16s44sqiq")
+_UUID_LEN = struct.pack(">i", 16)
+_TS_LEN = struct.pack(">i", 8)
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: timestamptz's origin
 
 
 def ns_to_datetime(ns: int | None) -> datetime | None:
@@ -104,7 +135,31 @@ def batch_params(blocks: Iterable[Block]) -> tuple[Sequence[Any], Sequence[Any],
     return proc_params, stream_params, block_params
 
 
-def write_blocks(conn: psycopg.Connection, blocks: Sequence[Block]) -> None:
+def trace_copy_data(blocks: Iterable[Block], inserted: set[uuid.UUID]) -> bytes | None:
+    """Binary ``COPY`` data of the trace index rows of the ``inserted`` blocks (None: no rows).
+
+    Timestamps are truncated to microseconds like every other ``timestamptz`` we write.
+    """
+    parts: list[bytes] = []
+    done: set[uuid.UUID] = set()
+    pack = _ROW.pack
+    for b in blocks:
+        if b.block_id not in inserted or b.block_id in done or not b.traces:
+            continue
+        done.add(b.block_id)
+        mid = _UUID_LEN + b.block_id.bytes + _UUID_LEN + b.process.process_id.bytes + _TS_LEN
+        parts.extend(
+            pack(5, 16, tid, mid, st // 1000 - _PG_EPOCH_US, 8, en // 1000 - _PG_EPOCH_US)
+            for tid, (st, en) in b.traces.items()
+        )
+    if not parts:
+        return None
+    return b"".join((_COPY_HEADER, *parts, _COPY_TRAILER))
+
+
+def write_blocks(
+    conn: psycopg.Connection, blocks: Sequence[Block], *, trace_index: bool = True
+) -> None:
     """Insert the rows of ``blocks`` in one transaction (payloads must already be stored)."""
     if not blocks:
         return
@@ -113,9 +168,17 @@ def write_blocks(conn: psycopg.Connection, blocks: Sequence[Block]) -> None:
         cur.execute(SQL_PROCESSES, pp)
         cur.execute(SQL_STREAMS, sp)
         cur.execute(SQL_BLOCKS, bp)
+        if not trace_index:
+            return
+        data = trace_copy_data(blocks, {r[0] for r in cur.fetchall()})
+        if data is not None:
+            with cur.copy(SQL_TRACE_COPY) as cp:
+                cp.write(data)
 
 
-async def write_blocks_async(conn: psycopg.AsyncConnection, blocks: Sequence[Block]) -> None:
+async def write_blocks_async(
+    conn: psycopg.AsyncConnection, blocks: Sequence[Block], *, trace_index: bool = True
+) -> None:
     """:func:`write_blocks` on an asynchronous connection."""
     if not blocks:
         return
@@ -124,3 +187,9 @@ async def write_blocks_async(conn: psycopg.AsyncConnection, blocks: Sequence[Blo
         await cur.execute(SQL_PROCESSES, pp)
         await cur.execute(SQL_STREAMS, sp)
         await cur.execute(SQL_BLOCKS, bp)
+        if not trace_index:
+            return
+        data = trace_copy_data(blocks, {r[0] for r in await cur.fetchall()})
+        if data is not None:
+            async with cur.copy(SQL_TRACE_COPY) as cp:
+                await cp.write(data)

@@ -27,6 +27,7 @@ from otelspans_fdw.exceptions import OverloadedError
 from otelspans_fdw.ingest.body import DEFAULT_MAX_BODY
 from otelspans_fdw.ingest.decode import DecodedRequest, response_for, split_blocks
 from otelspans_fdw.ingest.groupcommit import GroupCommitter
+from otelspans_fdw.ingest.metrics import ReceiverMetrics
 from otelspans_fdw.objstore import ObjectStore
 
 __all__ = ["Admission", "Ingestor", "Limits"]
@@ -74,11 +75,23 @@ class Admission:
 class Ingestor:
     """Stores decoded requests: payloads to the object store, then grouped metadata commits."""
 
-    def __init__(self, store: ObjectStore, dsn: str, limits: Limits | None = None):
+    def __init__(
+        self,
+        store: ObjectStore,
+        dsn: str,
+        limits: Limits | None = None,
+        *,
+        trace_index: bool = True,
+        commit_lanes: int = 2,
+    ):
+        """``trace_index=False`` skips ``otel_trace_blocks`` (only to measure its cost)."""
         self.store = store
         self.limits = limits or Limits()
         self.admission = Admission(self.limits)
-        self.committer = GroupCommitter(dsn)
+        self.committer = GroupCommitter(dsn, trace_index=trace_index, lanes=commit_lanes)
+        self.metrics = ReceiverMetrics(
+            lambda: self.admission.requests, lambda: self.admission.bytes
+        )
         self.spans_accepted = 0
 
     async def start(self) -> None:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from otelspans_fdw import db
 from otelspans_fdw.ingest.grpc_service import make_server
-from otelspans_fdw.ingest.http import make_app
+from otelspans_fdw.ingest.http import make_app, make_metrics_app
 from otelspans_fdw.ingest.pipeline import Ingestor, Limits
 from otelspans_fdw.objstore import open_store
 
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 def _env_int(name: str, default: int) -> int:
     v = os.environ.get(name)
     return int(v) if v else default
+
+
+def _env_on(name: str, default: bool) -> bool:
+    v = (os.environ.get(name) or "").strip().lower()
+    return default if not v else v not in ("0", "off", "false", "no")
 
 
 @dataclass
@@ -41,6 +46,12 @@ class ReceiverConfig:
     token: str | None = field(default_factory=lambda: os.environ.get("OTELSPANS_TOKEN") or None)
     limits: Limits = field(default_factory=Limits)
     migrate: bool = True
+    #: write ``otel_trace_blocks`` (trace lookup across processes); off only to measure its cost
+    trace_index: bool = field(default_factory=lambda: _env_on("OTELSPANS_TRACE_INDEX", True))
+    #: concurrent group-commit transactions (see :mod:`otelspans_fdw.ingest.groupcommit`)
+    commit_lanes: int = field(default_factory=lambda: _env_int("OTELSPANS_COMMIT_LANES", 2))
+    #: a second port serving only ``GET /metrics`` (-1: none; ``/metrics`` is on the HTTP port)
+    metrics_port: int = field(default_factory=lambda: _env_int("OTELSPANS_METRICS_PORT", -1))
 
 
 class Receiver:
@@ -52,8 +63,16 @@ class Receiver:
             {"durable": config.durable} if not (config.store_url or "").startswith("s3://") else {}
         )
         self.store = open_store(config.store_url, **store_opts)
-        self.ingestor = Ingestor(self.store, config.dsn, config.limits)
+        self.ingestor = Ingestor(
+            self.store,
+            config.dsn,
+            config.limits,
+            trace_index=config.trace_index,
+            commit_lanes=config.commit_lanes,
+        )
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.metrics_port = -1
         self._grpc: grpc.aio.Server | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -76,6 +95,12 @@ class Receiver:
                 self.ingestor, cfg.host, cfg.grpc_port, token=cfg.token
             )
             await self._grpc.start()
+        if cfg.metrics_port >= 0:
+            self._metrics_runner = web.AppRunner(make_metrics_app(self.ingestor), access_log=None)
+            await self._metrics_runner.setup()
+            msite = web.TCPSite(self._metrics_runner, cfg.host, cfg.metrics_port)
+            await msite.start()
+            self.metrics_port = msite._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info(
             "otelspans receiver: http %s:%d, grpc %s:%d, store %s",
             cfg.host,
@@ -94,6 +119,8 @@ class Receiver:
             await self._grpc.stop(grace=2)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         await self.ingestor.close()
 
 
@@ -102,7 +129,8 @@ async def _serve(config: ReceiverConfig, ready: asyncio.Event | None = None) -> 
     await receiver.start()
     # Machine-readable line for supervisors and tests that ask for port 0.
     print(
-        f"otelspans receiver listening http={receiver.http_port} grpc={receiver.grpc_port}",
+        f"otelspans receiver listening http={receiver.http_port} grpc={receiver.grpc_port}"
+        + (f" metrics={receiver.metrics_port}" if receiver.metrics_port >= 0 else ""),
         flush=True,
     )
     stop = asyncio.Event()
