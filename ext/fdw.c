@@ -158,10 +158,14 @@ otelspans_fdw_handler(PG_FUNCTION_ARGS)
  * ---------------------------------------------------------------------
  */
 
-static PyObject *
-column_name_list(Bitmapset *attrs_used, TupleDesc tupdesc)
+/*
+ * Attribute numbers (Integer nodes) of the columns a query uses, in table
+ * order; a whole-row reference uses them all.
+ */
+static List *
+used_attnums(Bitmapset *attrs_used, TupleDesc tupdesc)
 {
-	PyObject   *list = PyList_New(0);
+	List	   *res = NIL;
 	bool		whole_row = bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, attrs_used);
 
 	for (int i = 0; i < tupdesc->natts; i++)
@@ -172,12 +176,24 @@ column_name_list(Bitmapset *attrs_used, TupleDesc tupdesc)
 			continue;
 		if (whole_row ||
 			bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, attrs_used))
-		{
-			PyObject   *name = PyUnicode_FromString(NameStr(att->attname));
+			res = lappend(res, makeInteger(att->attnum));
+	}
+	return res;
+}
 
-			PyList_Append(list, name);
-			Py_DECREF(name);
-		}
+static PyObject *
+column_name_list(Bitmapset *attrs_used, TupleDesc tupdesc)
+{
+	PyObject   *list = PyList_New(0);
+	ListCell   *lc;
+
+	foreach(lc, used_attnums(attrs_used, tupdesc))
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, intVal(lfirst(lc)) - 1);
+		PyObject   *name = PyUnicode_FromString(NameStr(att->attname));
+
+		PyList_Append(list, name);
+		Py_DECREF(name);
 	}
 	return list;
 }
@@ -603,20 +619,7 @@ pyhostGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 		qual_texts = lappend(qual_texts, makeString(text));
 	}
 
-	{
-		bool		whole_row = bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, attrs_used);
-
-		for (int i = 0; i < tupdesc->natts; i++)
-		{
-			Form_pg_attribute att = TupleDescAttr(tupdesc, i);
-
-			if (att->attisdropped)
-				continue;
-			if (whole_row ||
-				bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, attrs_used))
-				columns = lappend(columns, makeInteger(att->attnum));
-		}
-	}
+	columns = used_attnums(attrs_used, tupdesc);
 
 	scan_clauses = extract_actual_clauses(scan_clauses, false);
 

@@ -875,18 +875,9 @@ pyhost_python_to_datum(PyObject *obj, PyhostColumnConv *conv, bool *isnull)
 			}
 			break;
 		case TEXTOID:
-			if (PyUnicode_Check(obj))
-			{
-				Py_ssize_t	len;
-				const char *s = PyUnicode_AsUTF8AndSize(obj, &len);
-
-				if (s == NULL)
-					pyhost_report_error("converting a string");
-				return PointerGetDatum(cstring_to_text_with_len(s, (int) len));
-			}
-			break;
 		case VARCHAROID:
-			if (PyUnicode_Check(obj) && conv->typmod < 0)
+			/* varchar(n) goes through its input function for the length check */
+			if (PyUnicode_Check(obj) && (conv->typid == TEXTOID || conv->typmod < 0))
 			{
 				Py_ssize_t	len;
 				const char *s = PyUnicode_AsUTF8AndSize(obj, &len);
