@@ -30,6 +30,7 @@
 #include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "postmaster/postmaster.h"
+#include "storage/ipc.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -73,6 +74,7 @@ static PyObject *traceback_format = NULL;
 static PyObject *host_log(PyObject *self, PyObject *args);
 static PyObject *host_backend_info(PyObject *self, PyObject *args);
 static void reset_depth_at_abort(XactEvent event, void *arg);
+static void run_python_exit_handlers(int code, Datum arg);
 static void reset_depth_at_subabort(SubXactEvent event, SubTransactionId mySubid,
 									SubTransactionId parentSubid, void *arg);
 
@@ -171,8 +173,10 @@ import_attr(const char *module, const char *attr)
 }
 
 /*
- * Put the configured environment on sys.path: the venv's site-packages (so
- * that .pth files work) and, in front of everything, python_path entries.
+ * Put the configured environment on sys.path as a venv would: the system's
+ * site-packages/dist-packages out (Debian's older packages would shadow the
+ * environment's), the venv's site-packages in (with .pth files), and in
+ * front of everything the python_path entries.
  */
 static void
 setup_sys_path(void)
@@ -182,8 +186,10 @@ setup_sys_path(void)
 	const char *code =
 		"def _otelspans_setup(venv, extra):\n"
 		"    import glob, site, sys\n"
-		"    if venv:\n"
-		"        for p in sorted(glob.glob(venv + '/lib/python3*/site-packages')):\n"
+		"    envs = sorted(glob.glob(venv + '/lib/python3*/site-packages')) if venv else []\n"
+		"    if envs:\n"
+		"        sys.path[:] = [p for p in sys.path if not p.rstrip('/').endswith('-packages')]\n"
+		"        for p in envs:\n"
 		"            site.addsitedir(p)\n"
 		"    for p in reversed([p for p in (extra or '').split(':') if p]):\n"
 		"        sys.path.insert(0, p)\n"
@@ -238,6 +244,7 @@ pyhost_ensure_initialized(void)
 						status.err_msg ? status.err_msg : "unknown error")));
 	py_initialized = true;
 
+	on_proc_exit(run_python_exit_handlers, (Datum) 0);
 	RegisterXactCallback(reset_depth_at_abort, NULL);
 	RegisterSubXactCallback(reset_depth_at_subabort, NULL);
 	install_signal_chain();
@@ -259,6 +266,29 @@ pyhost_ensure_initialized(void)
 	traceback_format = pyhost_check(import_attr("traceback", "format_exception"), "import traceback");
 	api_module = pyhost_check(PyImport_ImportModule("otelspans_fdw.multicorn_api"),
 							  "import otelspans_fdw.multicorn_api");
+}
+
+/*
+ * The interpreter is never finalized (a backend just exits), so Python's
+ * atexit handlers would not run; some must, before C++ static destructors:
+ * pyarrow's finalize_s3, for one, or the AWS SDK crashes the exiting backend.
+ */
+static void
+run_python_exit_handlers(int code, Datum arg)
+{
+	PyObject   *mod;
+
+	if (!py_initialized || !Py_IsInitialized())
+		return;
+	mod = PyImport_ImportModule("atexit");
+	if (mod != NULL)
+	{
+		PyObject   *res = PyObject_CallMethod(mod, "_run_exitfuncs", NULL);
+
+		Py_XDECREF(res);
+		Py_DECREF(mod);
+	}
+	PyErr_Clear();
 }
 
 PyObject *

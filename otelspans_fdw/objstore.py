@@ -7,6 +7,11 @@ One small API over two backends, chosen by URL in :func:`open_store`:
   (endpoint, region and credentials from explicit arguments, URL query parameters
   ``endpoint``/``region``/``scheme``, or the usual ``AWS_*`` environment variables).
 
+Inside PostgreSQL the store comes from the foreign server, user mapping and table options
+(:func:`store_from_options`): secrets belong in a *user mapping*, whose options only the mapped
+role and superusers can read, never in server or table options that every role sees in
+``pg_foreign_server`` / ``information_schema``.
+
 Writes are create-only and atomic: a reader never sees half an object.  Locally the bytes go to a
 temporary file in the target directory which is then hard-linked into place (``link`` fails if
 the name exists, unlike ``rename``, so a concurrent writer never replaces an object) and
@@ -22,6 +27,7 @@ import os
 import secrets
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -29,7 +35,15 @@ import pyarrow.fs as pafs
 
 from otelspans_fdw.exceptions import ConfigurationError, StoreError
 
-__all__ = ["LocalStore", "ObjectStore", "S3Store", "default_store_url", "open_store"]
+__all__ = [
+    "STORE_OPTIONS",
+    "LocalStore",
+    "ObjectStore",
+    "S3Store",
+    "default_store_url",
+    "open_store",
+    "store_from_options",
+]
 
 TMP_PREFIX = ".tmp-"
 
@@ -100,6 +114,14 @@ class ObjectStore(ABC):
         if info.type == pafs.FileType.NotFound or info.mtime is None:
             return None
         return info.mtime.timestamp()
+
+    def iceberg_properties(self) -> dict[str, str]:
+        """pyiceberg FileIO properties reaching this store (the Iceberg warehouse lives here).
+
+        Needed because pyiceberg opens the files itself: inside a PostgreSQL backend there are
+        no ``AWS_*`` variables, so credentials from a user mapping must be handed over.
+        """
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -216,29 +238,39 @@ class S3Store(ObjectStore):
         secret_key: str | None = None,
         session_token: str | None = None,
         scheme: str | None = None,
+        anonymous: bool = False,
     ):
         endpoint = (
             endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         )
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         kwargs: dict[str, object] = {}
+        iceberg: dict[str, str] = {}
         if endpoint:
             parsed = urlparse(endpoint)
             if parsed.scheme:
                 scheme = scheme or parsed.scheme
                 endpoint = parsed.netloc + parsed.path.rstrip("/")
             kwargs["endpoint_override"] = endpoint
+            iceberg["s3.endpoint"] = f"{scheme or 'https'}://{endpoint}"
         if scheme:
             kwargs["scheme"] = scheme
         if region:
             kwargs["region"] = region
+            iceberg["s3.region"] = region
         access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID")
         secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
         session_token = session_token or os.environ.get("AWS_SESSION_TOKEN")
-        if access_key and secret_key:
+        if anonymous:
+            kwargs["anonymous"] = True
+            iceberg["s3.anonymous"] = "true"
+        elif access_key and secret_key:
             kwargs.update(access_key=access_key, secret_key=secret_key)
+            iceberg.update({"s3.access-key-id": access_key, "s3.secret-access-key": secret_key})
             if session_token:
                 kwargs["session_token"] = session_token
+                iceberg["s3.session-token"] = session_token
+        self._iceberg = iceberg
         try:
             self._fs = pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
         except Exception as e:  # pyarrow raises several types for bad configuration
@@ -254,6 +286,9 @@ class S3Store(ObjectStore):
     @property
     def root(self) -> str:
         return f"{self.bucket}/{self.prefix}".rstrip("/")
+
+    def iceberg_properties(self) -> dict[str, str]:
+        return dict(self._iceberg)
 
     def put_if_absent(self, path: str, data: bytes) -> bool:
         full = self.fs_path(path)
@@ -315,6 +350,77 @@ def open_store(url: str | None = None, **options: object) -> ObjectStore:
             f"unsupported object store URL {url!r}", hint="Use a path or s3://"
         )
     return LocalStore(url, **options)  # type: ignore[arg-type]
+
+
+#: Options (server, user mapping, table) that configure the store, and the S3Store keyword
+#: each one feeds.  ``aws_*`` names follow the AWS variables; short aliases are accepted.
+STORE_OPTIONS: dict[str, str] = {
+    "aws_access_key_id": "access_key",
+    "aws_secret_access_key": "secret_key",
+    "aws_session_token": "session_token",
+    "aws_region": "region",
+    "region": "region",
+    "aws_endpoint_url": "endpoint",
+    "endpoint": "endpoint",
+}
+#: ``aws_credentials`` option values: ``keys`` (default: access key id and secret from the
+#: options or the AWS variables, required), ``default`` (the AWS SDK's own chain: profiles,
+#: instance or pod roles) and ``anonymous`` (public buckets).
+CREDENTIAL_MODES = ("keys", "default", "anonymous")
+
+_option_stores: dict[tuple[tuple[str, str], ...], ObjectStore] = {}
+
+
+def _missing_credentials(url: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"no S3 credentials for object store {url}",
+        detail="Neither the options of the foreign server and of the current role's user "
+        "mapping nor the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables of the server "
+        "process give an access key.",
+        hint="A superuser runs: CREATE USER MAPPING FOR <role> SERVER otel_spans_server "
+        "OPTIONS (aws_access_key_id '...', aws_secret_access_key '...'); or set the server "
+        "option aws_credentials 'default' to use the AWS SDK's credential chain.",
+    )
+
+
+def store_from_options(options: Mapping[str, str], *, default: str | None = None) -> ObjectStore:
+    """The store named by the wrapper's merged options (server, user mapping, table).
+
+    ``store`` (else ``default``, else :func:`default_store_url`) is the URL; for S3 the
+    :data:`STORE_OPTIONS` add endpoint, region and credentials (options win over the URL
+    query, which wins over the ``AWS_*`` variables).  Without any access key an S3 store is an
+    error naming the fix, unless ``aws_credentials`` says otherwise: silently falling back
+    to unsigned requests or instance metadata would fail later and far less clearly.  Stores
+    are cached per distinct configuration, so each role keeps its own credentials.
+    """
+    url = options.get("store") or default or default_store_url()
+    relevant = {k: v for k, v in options.items() if k in STORE_OPTIONS or k == "aws_credentials"}
+    key = (("store", url), *sorted(relevant.items()))
+    store = _option_stores.get(key)
+    if store is not None:
+        return store
+    if urlparse(url).scheme != "s3":
+        store = open_store(url)
+    else:
+        mode = relevant.get("aws_credentials", "keys").lower()
+        if mode not in CREDENTIAL_MODES:
+            raise ConfigurationError(
+                f"invalid value for option aws_credentials: {mode!r}",
+                hint="Use one of: " + ", ".join(CREDENTIAL_MODES) + ".",
+            )
+        kwargs: dict[str, object] = {
+            STORE_OPTIONS[k]: v for k, v in relevant.items() if k in STORE_OPTIONS and v
+        }
+        has_key = (kwargs.get("access_key") and kwargs.get("secret_key")) or (
+            os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+        )
+        if mode == "keys" and not has_key:
+            raise _missing_credentials(url.split("?", 1)[0])
+        if mode == "anonymous":
+            kwargs["anonymous"] = True
+        store = open_store(url, **kwargs)
+    _option_stores[key] = store
+    return store
 
 
 def age_seconds(store: ObjectStore, path: str) -> float | None:

@@ -22,7 +22,14 @@ from psycopg.conninfo import conninfo_to_dict
 from otelspans_fdw.objstore import LocalStore, ObjectStore
 from otelspans_fdw.schema import TABLE_NAME, arrow_schema
 
-__all__ = ["NAMESPACE", "PublishStats", "catalog_for", "ensure_publish_schema", "publish"]
+__all__ = [
+    "NAMESPACE",
+    "PublishStats",
+    "catalog_for",
+    "ensure_publish_schema",
+    "publish",
+    "unpublish_removed",
+]
 
 NAMESPACE = "otelspans"
 DEFAULT_BATCH = 500
@@ -49,13 +56,21 @@ def _sqlalchemy_url(dsn: str) -> str:
     from sqlalchemy.engine import URL
 
     d = conninfo_to_dict(dsn)
+    host, port = d.get("host"), d.get("port")
+    query: dict[str, str] = {}
+    if host and host.startswith("/"):
+        # A Unix socket directory (the backend's own DSN) cannot be a URL host: pass it, and
+        # the port naming the socket file, as query parameters that psycopg receives as is.
+        query = {"host": host, **({"port": str(port)} if port else {})}
+        host = port = None
     return URL.create(
         "postgresql+psycopg",
         username=d.get("user"),
         password=d.get("password"),
-        host=d.get("host"),
-        port=int(d["port"]) if d.get("port") else None,
+        host=host,
+        port=int(port) if port else None,
         database=d.get("dbname"),
+        query=query,
     ).render_as_string(hide_password=False)
 
 
@@ -76,7 +91,10 @@ def catalog_for(dsn: str, store: ObjectStore) -> Any:
     from pyiceberg.catalog.sql import SqlCatalog
 
     return SqlCatalog(
-        "otelspans", uri=_sqlalchemy_url(dsn), warehouse=_warehouse(store) + "/iceberg"
+        "otelspans",
+        uri=_sqlalchemy_url(dsn),
+        warehouse=_warehouse(store) + "/iceberg",
+        **store.iceberg_properties(),
     )
 
 
@@ -113,6 +131,13 @@ def publish(
         )
         stats.added += len(chunk)
         stats.snapshots += 1
+    stats.removed = _remove_gone(conn, table, store)
+    stats.snapshots += int(stats.removed > 0)
+    return stats
+
+
+def _remove_gone(conn: psycopg.Connection, table: Any, store: ObjectStore) -> int:
+    """Unregister published files no longer in the partition index (one overwrite snapshot)."""
     gone = [
         r[0]
         for r in conn.execute(
@@ -120,14 +145,28 @@ def publish(
             " LEFT JOIN otel_partition_files f USING (path) WHERE f.path IS NULL"
         )
     ]
-    if gone:
-        locations = {_location(store, p): p for p in gone}
-        table = table.refresh()
-        with table.transaction() as tx, tx.update_snapshot().overwrite() as ow:
-            for task in table.scan().plan_files():
-                if task.file.file_path in locations:
-                    ow.delete_data_file(task.file)
-        conn.execute("DELETE FROM otel_published_files WHERE path = ANY(%s)", (gone,))
-        stats.removed = len(gone)
-        stats.snapshots += 1
-    return stats
+    if not gone:
+        return 0
+    locations = {_location(store, p): p for p in gone}
+    table = table.refresh()
+    with table.transaction() as tx, tx.update_snapshot().overwrite() as ow:
+        for task in table.scan().plan_files():
+            if task.file.file_path in locations:
+                ow.delete_data_file(task.file)
+    conn.execute("DELETE FROM otel_published_files WHERE path = ANY(%s)", (gone,))
+    return len(gone)
+
+
+def unpublish_removed(conn: psycopg.Connection, dsn: str, store: ObjectStore) -> int:
+    """Remove from the Iceberg table the files the index dropped (retention, merges), without
+    publishing new ones; returns the number removed (0, without opening the catalog, when
+    nothing was ever published)."""
+    if not conn.execute("SELECT to_regclass('otel_published_files') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+        return 0
+    pending = conn.execute(
+        "SELECT count(*) FROM otel_published_files p"
+        " LEFT JOIN otel_partition_files f USING (path) WHERE f.path IS NULL"
+    ).fetchone()
+    if not pending or not pending[0]:
+        return 0
+    return _remove_gone(conn, _table(catalog_for(dsn, store)), store)
