@@ -18,12 +18,27 @@ The row mapping is upstream's (see ``reference/upstream-otel-spans.md``):
 PostgreSQL text and jsonb cannot hold U+0000, which OTLP strings may contain: it is replaced by
 U+FFFD in names, messages and JSON.
 
-Speed: this is the cold path of every query (target >= 200k spans/s).  One Python loop walks
-the protobuf spans and appends scalars to plain lists; everything else is done by Arrow in C:
-hex ids are produced by one ``bytes.hex()`` over all ids and wrapped as fixed-width strings
-without copying, kind/status names by ``take``, timestamps by integer division, and the
-per-block constant columns by ``pa.repeat``.  JSON text is produced only for attribute maps,
-events and links, with one shared encoder.
+Speed: this is the cold path of every query (target >= 200k spans/s), and Python work per span
+is what limits it (each protobuf field access from Python costs about 60 ns, a dozen per span).
+So the normal ("columnar") path does none, and works on many blocks at once
+(:func:`decode_blocks`: each Arrow call costs ~10 us whatever its size, ~130 calls per pass):
+
+1. the spans of all the blocks are parsed once, as columns (:data:`~._lazy_pb.SpanColumns`:
+   spans concatenated, each behind a sentinel prefix that marks span boundaries in every
+   column);
+2. every column becomes an Arrow array; absent fields, span validity, kind/status names, hex
+   ids (one ``hexlify`` over a whole column), timestamps are Arrow kernels;
+3. ``properties``: the batch's distinct serialized attributes (Arrow ``dictionary_encode``)
+   are looked up in a process-wide cache of JSON fragments ``"key":value``, taken back to
+   every attribute and joined per span by Arrow (``binary_join`` over a list array); repeated
+   keys are found with Arrow too.  Only events and links (a few percent of spans, mostly
+   unique values) are rendered one by one in Python.
+
+What the columnar path cannot prove it handles exactly (a span field explicitly set to its
+default value, an empty serialized attribute) sends the batch block by block, then scope by
+scope, to the per-span path (:func:`_scope_rows_slow`), which defines the behaviour; tests
+compare both with an independent decoding.  Spans holding a key twice, or a key of a scope
+extra, are rendered apart with dict semantics.
 """
 
 from __future__ import annotations
@@ -32,9 +47,10 @@ import base64
 import json
 import math
 import re
+import struct
 import uuid
-from array import array
-from collections.abc import Callable, Sequence
+from binascii import hexlify
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,10 +59,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from otelspans_fdw.exceptions import DecodeError
-from otelspans_fdw.lake._lazy_pb import LazyResourceSpans
+from otelspans_fdw.lake._lazy_pb import (
+    SENTINEL_PREFIX,
+    LazyEvent,
+    LazyLink,
+    LazySpan,
+    RawResourceSpans,
+    SpanColumns,
+)
 from otelspans_fdw.schema import COLUMN_NAMES, TIMESTAMP, arrow_schema
 
 __all__ = [
@@ -67,6 +90,7 @@ _KIND_DICT = pa.array(KINDS, pa.utf8())
 _STATUS_DICT = pa.array(STATUSES, pa.utf8())
 _ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
 _encode: Callable[[Any], str] = _ENCODER.encode
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # C; ensure_ascii=False
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
@@ -82,6 +106,7 @@ class BlockInfo:
     username: str | None = None
     computer: str | None = None
     process_properties: str = "{}"  # JSON text, keys sorted
+    service_name: str | None = None  # service.name of the process (issue 6)
 
 
 def _double(x: float) -> float | str:
@@ -137,6 +162,13 @@ def _strip_nul(obj: Any) -> Any:
     return obj
 
 
+def _json_str(text: str) -> str:
+    """A JSON string literal, as :data:`_ENCODER` writes it (NUL replaced, see :func:`_json`)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return _encode_str(text)
+
+
 def _json(obj: Any) -> str:
     """Compact JSON text that jsonb accepts (no ``\\u0000``)."""
     text = _encode(obj)
@@ -145,19 +177,44 @@ def _json(obj: Any) -> str:
     return text
 
 
-def hex_array(ids: bytes, width: int, n: int, valid: list[bool] | None = None) -> pa.Array:
+def hex_array(
+    ids: bytes | memoryview, width: int, n: int, valid: list[bool] | None = None
+) -> pa.Array:
     """``n`` ids of ``width`` bytes, concatenated in ``ids``, as lowercase hex strings.
 
-    One ``bytes.hex()`` call and zero-copy buffers: no Python work per id.  ``valid`` marks
-    nulls (their bytes are ignored).
+    One ``hexlify`` call; the text is cut into ``2 * width`` characters by Arrow (a
+    fixed-size binary view cast to strings): no Python work per id.  ``valid`` marks nulls
+    (their bytes are ignored).
     """
-    data = pa.py_buffer(ids.hex().encode("ascii"))
-    step = 2 * width
-    offsets = pa.py_buffer(array("i", range(0, step * n + 1, step)).tobytes())
-    bitmap = None
+    text = pa.Array.from_buffers(pa.binary(2 * width), n, [None, pa.py_buffer(hexlify(ids))])
+    out = text.cast(pa.binary()).view(pa.utf8())
     if valid is not None and not all(valid):
-        bitmap = pa.array(valid, pa.bool_()).buffers()[1]
-    return pa.Array.from_buffers(pa.utf8(), n, [bitmap, offsets, data])
+        out = pc.if_else(pa.array(valid, pa.bool_()), out, pa.scalar(None, pa.utf8()))
+    return out
+
+
+def _fixed_width_bytes(arr: pa.Array, width: int) -> memoryview:
+    """The values of a binary array whose values are all ``width`` bytes, as one buffer view.
+
+    Binary values are stored back to back, so they are the slice of the data buffer starting
+    at the first offset: no copy, no Python work per value.
+    """
+    n = len(arr)
+    if n == 0:
+        return memoryview(b"")
+    offsets, data = arr.buffers()[1], arr.buffers()[2]
+    (first,) = struct.unpack_from("<i", offsets, arr.offset * 4)
+    return memoryview(data)[first : first + n * width]  # type: ignore[arg-type]
+
+
+def _hex_ids(ids: pa.Array, width: int) -> pa.Array:
+    """Binary ids -> lowercase hex; NULL where an id is null or not ``width`` bytes."""
+    ok = pc.equal(pc.binary_length(ids), width).fill_null(False)
+    all_ok = pc.all(ok).as_py()
+    if not all_ok:
+        ids = pc.if_else(ok, ids, pa.scalar(b"\0" * width, pa.binary()))
+    out = hex_array(_fixed_width_bytes(ids, width), width, len(ids))
+    return out if all_ok else pc.if_else(ok, out, pa.scalar(None, pa.utf8()))
 
 
 def _ns_to_timestamp(ns: pa.Array) -> pa.Array:
@@ -184,34 +241,6 @@ def _scope_extras(ss: Any) -> dict[str, Any]:
     return extras
 
 
-def _events(events: Sequence[bytes]) -> str:
-    out = []
-    for raw in events:
-        e = Span.Event.FromString(raw)
-        out.append(
-            {
-                "name": e.name,
-                "time": e.time_unix_nano,
-                "attributes": attributes_to_dict(e.attributes),
-            }
-        )
-    return _json(out)
-
-
-def _links(links: Sequence[bytes]) -> str:
-    out = []
-    for raw in links:
-        lk = Span.Link.FromString(raw)
-        out.append(
-            {
-                "trace_id": lk.trace_id.hex(),
-                "span_id": lk.span_id.hex(),
-                "attributes": attributes_to_dict(lk.attributes),
-            }
-        )
-    return _json(out)
-
-
 class _AttrCache:
     """Serialized ``KeyValue`` -> (key, JSON fragment ``"key":value``), shared across blocks.
 
@@ -227,7 +256,15 @@ class _AttrCache:
     def miss(self, raw: bytes) -> tuple[str, str]:
         kv = KeyValue.FromString(raw)
         key = kv.key
-        item = (key, _json({key: anyvalue_to_json(kv.value)})[1:-1])
+        v = kv.value
+        kind = v.WhichOneof("value")
+        # Unique values (ids, times) miss every time: scalars skip the generic encoder.
+        if kind == "string_value":
+            item = (key, f"{_json_str(key)}:{_json_str(v.string_value)}")
+        elif kind == "int_value":
+            item = (key, f"{_json_str(key)}:{v.int_value}")
+        else:
+            item = (key, _json({key: anyvalue_to_json(v)})[1:-1])
         if len(self.map) >= self.limit:
             self.map.clear()
         self.map[raw] = item
@@ -236,6 +273,7 @@ class _AttrCache:
 
 _ATTRS = _AttrCache()
 _STATUS_CACHE: dict[bytes, tuple[int, str | None]] = {}
+_NAME_JSON: dict[str, str] = {}
 
 
 def _status(raw: bytes) -> tuple[int, str | None]:
@@ -250,7 +288,12 @@ def _status(raw: bytes) -> tuple[int, str | None]:
     return got
 
 
-def _properties(items: list[tuple[str, str]], extras: dict[str, Any], prefix: str) -> str:
+def _attr_items(raws: Sequence[bytes]) -> list[tuple[str, str]]:
+    cache_get, cache_miss = _ATTRS.map.get, _ATTRS.miss
+    return [cache_get(b) or cache_miss(b) for b in raws]
+
+
+def _object(items: list[tuple[str, str]], extras: dict[str, Any], prefix: str) -> str:
     """JSON object text: scope ``prefix`` then attribute fragments; dict semantics on repeats.
 
     A repeated key (within the attributes, or an attribute named like a scope extra) takes the
@@ -264,27 +307,364 @@ def _properties(items: list[tuple[str, str]], extras: dict[str, Any], prefix: st
             for k, frag in items:
                 d[k] = json.loads("{" + frag + "}")[k]
             return _json(d)
+    if prefix and items:
+        prefix += ","
     return "{" + prefix + ",".join([f for _, f in items]) + "}"
 
 
-def decode_block(payload: bytes, info: BlockInfo) -> pa.Table:
-    """The span rows of one block, in the column order of :func:`arrow_schema`.
+def _name_json(name: str) -> str:
+    got = _NAME_JSON.get(name)
+    if got is None:
+        got = _json(name)
+        if len(_NAME_JSON) > 10_000:
+            _NAME_JSON.clear()
+        _NAME_JSON[name] = got
+    return got
 
-    Raises:
-        DecodeError: the payload is not a valid ``ResourceSpans`` message.
+
+def _event_json(raw: bytes) -> str:
+    """One serialized ``Span.Event`` as ``{"name":..,"time":..,"attributes":{..}}``."""
+    e = LazyEvent.FromString(raw)
+    attrs = _object(_attr_items(e.attributes), {}, "")
+    return f'{{"name":{_name_json(e.name)},"time":{e.time_unix_nano},"attributes":{attrs}}}'
+
+
+def _link_json(raw: bytes) -> str:
+    """One serialized ``Span.Link`` as ``{"trace_id":..,"span_id":..,"attributes":{..}}``."""
+    lk = LazyLink.FromString(raw)
+    attrs = _object(_attr_items(lk.attributes), {}, "")
+    return (
+        f'{{"trace_id":"{lk.trace_id.hex()}","span_id":"{lk.span_id.hex()}","attributes":{attrs}}}'
+    )
+
+
+# --- the columnar path -----------------------------------------------------------------------
+
+
+def _singular(col: Any, n: int, typ: pa.DataType) -> pa.Array | None:
+    """The per-span values of a singular span field from its :data:`SpanColumns` column.
+
+    The column holds, for each span, the sentinel (the default value: falsy) and then the
+    span's own occurrences.  Null where a span has none; the last occurrence wins, as in
+    protobuf.  None when the column does not hold exactly one sentinel per span, i.e. some
+    span sets the field explicitly to its default (the caller then decodes span by span).
     """
+    m = len(col)
+    if m == n:  # no span has the field
+        return None if any(col) else pa.nulls(n, typ)
+    if m == 2 * n:  # every span has it once: the usual case for ids, times, name, kind
+        values = col[1::2]
+        if all(values) and not any(col[0::2]):
+            return pa.array(values, typ)
+    arr = pa.array(list(col), typ)
+    is_sentinel = (
+        pc.equal(arr, pa.scalar(0, typ))
+        if pa.types.is_integer(typ)
+        else pc.equal(pc.binary_length(arr), 0)
+    )
+    starts = pc.indices_nonzero(is_sentinel)
+    if len(starts) != n or starts[0].as_py() != 0:
+        return None
+    last = pc.subtract(pa.concat_arrays([starts[1:], pa.array([m], pa.uint64())]), 1)
+    return pc.if_else(is_sentinel.take(last), pa.scalar(None, typ), arr.take(last))
+
+
+def _repeated(col: Any, n: int) -> tuple[pa.Array, pa.Array] | None:
+    """(offsets, values) of a repeated span field: span ``i`` owns ``values[off[i]:off[i+1]]``.
+
+    None when the column does not hold exactly one sentinel per span (see :func:`_singular`).
+    """
+    items = list(col)
+    if len(items) == n:  # no span has any
+        if any(items):
+            return None
+        return pa.repeat(pa.scalar(0, pa.int32()), n + 1), pa.array([], pa.binary())
+    arr = pa.array(items, pa.binary())
+    is_sentinel = pc.equal(pc.binary_length(arr), 0)
+    starts = pc.indices_nonzero(is_sentinel)
+    if len(starts) != n or starts[0].as_py() != 0:
+        return None
+    is_value = pc.invert(is_sentinel)
+    before = pc.cumulative_sum(is_value.cast(pa.int32()))  # values up to each position
+    offsets = pa.concat_arrays([before.take(starts), pa.array([len(items) - n], pa.int32())])
+    return offsets, arr.filter(is_value)
+
+
+@dataclass(slots=True)
+class _Scope:
+    """The spans of one ``ScopeSpans`` of one block, still serialized."""
+
+    block: int  # index of the block in its batch
+    spans: list[bytes]
+    extras: dict[str, Any]  # the otel.scope.* properties (shared: never mutated)
+    prefix: str  # their JSON object members, without braces
+
+
+_SCOPE_CACHE: dict[tuple[bytes, str], tuple[dict[str, Any], str]] = {}
+
+
+def _scope_info(ss: Any) -> tuple[dict[str, Any], str]:
+    """(extras, prefix) of a scope; cached, since every block of a process repeats its scopes."""
+    key = (ss.scope, ss.schema_url)
+    got = _SCOPE_CACHE.get(key)
+    if got is None:
+        extras = _scope_extras(ss)
+        got = (extras, _json(extras)[1:-1])
+        if len(_SCOPE_CACHE) > 10_000:
+            _SCOPE_CACHE.clear()
+        _SCOPE_CACHE[key] = got
+    return got
+
+
+def _runs(values: Sequence[int], counts: Sequence[int]) -> pa.Array:
+    """``values[i]`` repeated ``counts[i]`` times, as int32 (list repetition runs in C)."""
+    out: list[int] = []
+    for v, c in zip(values, counts, strict=True):
+        out += [v] * c
+    return pa.array(out, pa.int32())
+
+
+_M1, _M2, _M4, _H01 = (
+    0x5555555555555555,
+    0x3333333333333333,
+    0x0F0F0F0F0F0F0F0F,
+    0x0101010101010101,
+)
+
+
+def _popcount(x: pa.Array) -> pa.Array:
+    """Set bits of each uint64 (the SWAR popcount, in Arrow kernels)."""
+    sub, add, band, shr = pc.subtract, pc.add, pc.bit_wise_and, pc.shift_right
+    u = pa.uint64()
+    x = sub(x, band(shr(x, pa.scalar(1, u)), pa.scalar(_M1, u)))
+    x = add(band(x, pa.scalar(_M2, u)), band(shr(x, pa.scalar(2, u)), pa.scalar(_M2, u)))
+    x = band(add(x, shr(x, pa.scalar(4, u))), pa.scalar(_M4, u))
+    return shr(pc.multiply(x, pa.scalar(_H01, u)), pa.scalar(56, u))
+
+
+def _rows_with_repeated_keys(
+    offsets: pa.Array, keys: pa.Array, nkeys: int, nrows: int
+) -> pa.Array | None:
+    """Which rows hold a key twice (BooleanArray), or None when none does.
+
+    With at most 63 distinct keys, row ``r`` sums ``2**key`` over its values (segmented sums
+    from one wrapping cumulative sum): the keys are distinct exactly when the sum has as many
+    set bits as the row has values (a repeat carries and loses a bit; a wrap loses more).
+    Otherwise the (row, key) pairs are counted with a hash (slower, exact too).
+    """
+    nvalues = len(keys)
+    if nvalues <= nrows:
+        return None if nvalues < 2 else _repeated_keys_hashed(offsets, keys, nkeys, nrows)
+    if nkeys > 63:
+        return _repeated_keys_hashed(offsets, keys, nkeys, nrows)
+    u = pa.uint64()
+    bits = pa.array([1 << k for k in range(nkeys)], u).take(keys)
+    sums = pa.concat_arrays([pa.array([0], u), pc.cumulative_sum(bits)])
+    per_row = pc.subtract(sums.take(offsets[1:]), sums.take(offsets[:-1]))
+    counts = pc.subtract(offsets[1:], offsets[:-1]).cast(u)
+    bad = pc.not_equal(_popcount(per_row), counts)
+    return bad if pc.any(bad).as_py() else None
+
+
+def _repeated_keys_hashed(
+    offsets: pa.Array, keys: pa.Array, nkeys: int, nrows: int
+) -> pa.Array | None:
+    rows = pa.ListArray.from_arrays(offsets, keys).value_parent_indices()
+    pairs = pc.add(pc.multiply(rows, nkeys), keys.cast(pa.int64()))
+    if pc.count_distinct(pairs).as_py() == len(keys):
+        return None
+    seen: set[tuple[int, int]] = set()
+    bad = [False] * nrows
+    for r, k in zip(rows.to_pylist(), keys.to_pylist(), strict=True):
+        if (r, k) in seen:
+            bad[r] = True
+        seen.add((r, k))
+    return pa.array(bad, pa.bool_())
+
+
+def _json_objects(
+    offsets: pa.Array,
+    values: pa.Array,
+    nrows: int,
+    opening: pa.Array | pa.Scalar,
+    bare: pa.Array | pa.Scalar,
+    extras_of: Callable[[int], tuple[dict[str, Any], str]] | None = None,
+    extra_keys: frozenset[str] = frozenset(),
+) -> pa.Array:
+    """JSON object text per row from serialized ``KeyValue`` values, joined by Arrow.
+
+    Row ``r`` owns ``values[offsets[r]:offsets[r+1]]``; its text is ``opening`` + the cached
+    fragments joined by commas + ``}``, or ``bare`` when it has none (``opening``/``bare``
+    carry the scope extras of ``properties``).  The distinct encodings of the batch
+    (``dictionary_encode``) are looked up in the fragment cache, once each.  Rows holding a
+    key twice, or a key of their extras (``extras_of(r)`` -> extras, prefix), are rendered
+    by :func:`_object` instead (dict semantics).
+    """
+    if len(values) == 0:
+        return pa.repeat(bare, nrows) if isinstance(bare, pa.Scalar) else bare
+    enc = values.dictionary_encode()
+    items = _attr_items(enc.dictionary.to_pylist())
+    frags = pa.array([f for _, f in items], pa.utf8()).take(enc.indices)
+    lists = pa.ListArray.from_arrays(offsets, frags)
+    text = pc.binary_join_element_wise(opening, pc.binary_join(lists, ","), "}", "")
+    text = pc.if_else(pc.equal(pc.list_value_length(lists), 0), bare, text)
+    key_ids: dict[str, int] = {}
+    ids = [key_ids.setdefault(k, len(key_ids)) for k, _ in items]
+    keys = pa.array(ids, pa.int32()).take(enc.indices)
+    bad = _rows_with_repeated_keys(offsets, keys, len(key_ids), nrows)
+    if extra_keys and not extra_keys.isdisjoint(key_ids):
+        rows = lists.value_parent_indices().to_pylist()
+        flags = [False] * nrows if bad is None else bad.to_pylist()
+        assert extras_of is not None
+        for r, (k, _) in zip(rows, [items[j] for j in enc.indices.to_pylist()], strict=True):
+            if k in extras_of(r)[0]:
+                flags[r] = True
+        bad = pa.array(flags, pa.bool_())
+    if bad is None:
+        return text
+    # Rare: render the rows concerned in Python.
+    order = pc.indices_nonzero(bad).to_pylist()
+    starts, indices = offsets.to_pylist(), enc.indices.to_pylist()
+    texts = []
+    for r in order:
+        row_items = [items[j] for j in indices[starts[r] : starts[r + 1]]]
+        extras, prefix = extras_of(r) if extras_of is not None else ({}, "")
+        texts.append(_object(row_items, extras, prefix))
+    return pc.replace_with_mask(text, bad, pa.array(texts, pa.utf8()))
+
+
+def _properties_column(
+    offsets: pa.Array, values: pa.Array, scopes: Sequence[_Scope], n: int
+) -> pa.Array:
+    """The ``properties`` JSON text of the ``n`` spans of ``scopes``."""
+    if len({s.prefix for s in scopes}) == 1:
+        prefix = scopes[0].prefix
+        opening: pa.Array | pa.Scalar = pa.scalar("{" + prefix + ("," if prefix else ""))
+        bare: pa.Array | pa.Scalar = pa.scalar("{" + prefix + "}")
+        scope_of = None
+    else:
+        scope_of = _runs(range(len(scopes)), [len(s.spans) for s in scopes])
+        opening = pa.array(["{" + s.prefix + ("," if s.prefix else "") for s in scopes])
+        opening = opening.take(scope_of)
+        bare = pa.array(["{" + s.prefix + "}" for s in scopes]).take(scope_of)
+    extra_keys = frozenset().union(*(s.extras for s in scopes))
+    scope_list: list[int] = []
+
+    def extras_of(row: int) -> tuple[dict[str, Any], str]:
+        if scope_of is None:
+            return scopes[0].extras, scopes[0].prefix
+        if not scope_list:
+            scope_list.extend(scope_of.to_pylist())
+        s = scopes[scope_list[row]]
+        return s.extras, s.prefix
+
+    return _json_objects(offsets, values, n, opening, bare, extras_of, extra_keys)
+
+
+def _nested_column(
+    offsets: pa.Array, values: pa.Array, n: int, render: Callable[[bytes], str]
+) -> pa.Array:
+    """``events``/``links`` JSON arrays: each value rendered in Python, joined by Arrow.
+
+    Events and links are few (a few percent of spans) and their attribute values are mostly
+    unique (times, cache keys): a columnar parse measured no faster than this.
+    """
+    if len(values) == 0:
+        return pa.repeat(pa.scalar("[]", pa.utf8()), n)
+    texts = pa.array([render(raw) for raw in values.to_pylist()], pa.utf8())
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), ",")
+    return pc.binary_join_element_wise("[", joined, "]", "")
+
+
+def _columns(scopes: Sequence[_Scope]) -> dict[str, pa.Array] | None:
+    """The span columns of ``scopes`` in one pass, no Python work per span.
+
+    None when the columnar parse cannot be trusted to match the per-span one (see
+    :func:`_singular`), or something needs the per-span path to decide (an undecodable
+    attribute may belong to a skipped span; a timestamp beyond int64 must be reported).
+    """
+    spans = [b for s in scopes for b in s.spans]
+    n = len(spans)
     try:
-        rs = LazyResourceSpans.FromString(payload)
-        return _decode(rs, info)
-    except ProtobufDecodeError as e:
-        raise DecodeError(f"block {info.block_id}: malformed ResourceSpans: {e}") from e
+        c = SpanColumns.FromString(SENTINEL_PREFIX + SENTINEL_PREFIX.join(spans))
+    except ProtobufDecodeError:
+        return None
+    del spans
+    binary, utf8 = pa.binary(), pa.utf8()
+    trace_id = _singular(c.trace_id, n, binary)
+    span_id = _singular(c.span_id, n, binary)
+    start = _singular(c.start_time_unix_nano, n, pa.uint64())
+    end = _singular(c.end_time_unix_nano, n, pa.uint64())
+    parent = _singular(c.parent_span_id, n, binary)
+    name = _singular(c.name, n, utf8)
+    kind = _singular(c.kind, n, pa.int32())
+    status = _singular(c.status, n, binary)
+    attrs = _repeated(c.attributes, n)
+    events = _repeated(c.events, n)
+    links = _repeated(c.links, n)
+    if (
+        trace_id is None
+        or span_id is None
+        or start is None
+        or end is None
+        or parent is None
+        or name is None
+        or kind is None
+        or status is None
+        or attrs is None
+        or events is None
+        or links is None
+    ):
+        return None
+    if max(pc.max(start).as_py() or 0, pc.max(end).as_py() or 0) >= 2**63:
+        return None
+    zero = pa.scalar(0, pa.uint64())
+    valid = pc.and_(
+        pc.and_(pc.equal(pc.binary_length(trace_id), 16), pc.equal(pc.binary_length(span_id), 8)),
+        pc.and_(pc.not_equal(start, zero), pc.not_equal(end, zero)),
+    ).fill_null(False)
+    kind = kind.fill_null(0)
+    kind = pc.if_else(pc.and_(pc.greater_equal(kind, 0), pc.less(kind, len(KINDS))), kind, 0)
+    if status.null_count == n:
+        codes: pa.Array = pa.repeat(pa.scalar(0, pa.int8()), n)
+        messages: pa.Array = pa.nulls(n, utf8)
+    else:
+        enc = status.dictionary_encode()
+        parsed = [_status(raw) for raw in enc.dictionary.to_pylist()]
+        codes = pa.array([c for c, _ in parsed], pa.int8()).take(enc.indices).fill_null(0)
+        messages = pa.array([m for _, m in parsed], utf8).take(enc.indices)
+    try:
+        cols = {
+            "block": _runs([s.block for s in scopes], [len(s.spans) for s in scopes]),
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "parent": parent,
+            "start": start.cast(pa.int64()),
+            "end": end.cast(pa.int64()),
+            "name": name.fill_null(""),
+            "kind": kind.cast(pa.int8()),
+            "status": codes,
+            "status_message": messages,
+            "properties": _properties_column(*attrs, scopes, n),
+            "events": _nested_column(*events, n, _event_json),
+            "links": _nested_column(*links, n, _link_json),
+        }
+    except ProtobufDecodeError:
+        return None
+    if not pc.all(valid).as_py():
+        cols = {k: v.filter(valid) for k, v in cols.items()}
+    return cols
 
 
-def _decode(rs: Any, info: BlockInfo) -> pa.Table:
+# --- the per-span path (reference behaviour, and fallback) -----------------------------------
+
+
+def _scope_rows_slow(scope: _Scope) -> dict[str, pa.Array]:
+    """The span columns of one scope, decoding span by span."""
+    extras, prefix = scope.extras, scope.prefix
     trace_ids: list[bytes] = []
     span_ids: list[bytes] = []
-    parents: list[bytes] = []
-    has_parent: list[bool] = []
+    parents: list[bytes | None] = []
     starts: list[int] = []
     ends: list[int] = []
     names: list[str] = []
@@ -294,91 +674,219 @@ def _decode(rs: Any, info: BlockInfo) -> pa.Table:
     props: list[str] = []
     events: list[str] = []
     links: list[str] = []
-    no_parent = b"\0" * 8
     nkinds = len(KINDS)
-    cache_get = _ATTRS.map.get
-    cache_miss = _ATTRS.miss
+    empty_props = "{" + prefix + "}"
+    for raw in scope.spans:
+        s = LazySpan.FromString(raw)
+        tid = s.trace_id
+        sid = s.span_id
+        st = s.start_time_unix_nano
+        en = s.end_time_unix_nano
+        if len(tid) != 16 or len(sid) != 8 or not st or not en:
+            continue
+        trace_ids.append(tid)
+        span_ids.append(sid)
+        p = s.parent_span_id
+        parents.append(p if len(p) == 8 else None)
+        starts.append(st)
+        ends.append(en)
+        names.append(s.name)
+        k = s.kind
+        kinds.append(k if 0 <= k < nkinds else 0)
+        status = s.status
+        if status:
+            c, m = _status(status)
+            statuses.append(c)
+            messages.append(m)
+        else:
+            statuses.append(0)
+            messages.append(None)
+        attrs = s.attributes
+        props.append(_object(_attr_items(attrs), extras, prefix) if attrs else empty_props)
+        ev = s.events
+        events.append("[" + ",".join([_event_json(e) for e in ev]) + "]" if ev else "[]")
+        lk = s.links
+        links.append("[" + ",".join([_link_json(x) for x in lk]) + "]" if lk else "[]")
+    utf8 = pa.utf8()
+    return {
+        "block": pa.repeat(pa.scalar(scope.block, pa.int32()), len(starts)),
+        "trace_id": pa.array(trace_ids, pa.binary()),
+        "span_id": pa.array(span_ids, pa.binary()),
+        "parent": pa.array(parents, pa.binary()),
+        "start": pa.array(starts, pa.int64()),
+        "end": pa.array(ends, pa.int64()),
+        "name": pa.array(names, utf8),
+        "kind": pa.array(kinds, pa.int8()),
+        "status": pa.array(statuses, pa.int8()),
+        "status_message": pa.array(messages, utf8),
+        "properties": pa.array(props, utf8),
+        "events": pa.array(events, utf8),
+        "links": pa.array(links, utf8),
+    }
 
-    for ss in rs.scope_spans:
-        extras = _scope_extras(ss)
-        prefix = _json(extras)[1:-1]
-        empty_props = "{" + prefix + "}"
-        prefix = prefix + "," if prefix else ""
-        for s in ss.spans:
-            tid = s.trace_id
-            sid = s.span_id
-            st = s.start_time_unix_nano
-            en = s.end_time_unix_nano
-            if len(tid) != 16 or len(sid) != 8 or not st or not en:
+
+# --- blocks ----------------------------------------------------------------------------------
+
+#: Payload bytes decoded in one columnar pass: large enough to amortise the fixed cost of the
+#: Arrow calls (about 10 us each, some 60 per pass), small enough to bound memory and keep
+#: string offsets far from the 2 GiB limit of 32-bit offsets.
+BATCH_BYTES = 32 << 20
+
+
+@dataclass(slots=True)
+class DecodedBlocks:
+    """The rows of several blocks, and the blocks that could not be decoded."""
+
+    table: pa.Table
+    errors: dict[int, DecodeError]  # index in the input -> why
+
+
+def decode_blocks(
+    blocks: Iterable[tuple[bytes, BlockInfo]], *, columnar: bool = True
+) -> DecodedBlocks:
+    """The span rows of ``blocks`` (payload, info) in one table, in input order.
+
+    Blocks are decoded together, :data:`BATCH_BYTES` of payload at a time (``blocks`` may be
+    a generator: payloads are released batch by batch).  A block that cannot be decoded is
+    left out and reported in :attr:`DecodedBlocks.errors` under its position in ``blocks``;
+    the others are unaffected.  ``columnar=False`` decodes span by span (the reference path;
+    tests compare the two).
+    """
+    errors: dict[int, DecodeError] = {}
+    tables: list[pa.Table] = []
+    batch: list[tuple[int, bytes, BlockInfo]] = []
+    size = 0
+    for i, (payload, info) in enumerate(blocks):
+        batch.append((i, payload, info))
+        size += len(payload)
+        if size >= BATCH_BYTES:
+            tables.append(_decode_batch(batch, errors, columnar))
+            batch, size = [], 0
+    if batch or not tables:
+        tables.append(_decode_batch(batch, errors, columnar))
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return DecodedBlocks(table, errors)
+
+
+def decode_block(payload: bytes, info: BlockInfo, *, columnar: bool = True) -> pa.Table:
+    """The span rows of one block, in the column order of :func:`arrow_schema`.
+
+    Raises:
+        DecodeError: the payload is not a valid ``ResourceSpans`` message, or a span's
+            timestamp does not fit a signed 64-bit integer.
+    """
+    got = decode_blocks([(payload, info)], columnar=columnar)
+    if got.errors:
+        raise got.errors[0]
+    return got.table
+
+
+def _error(info: BlockInfo, e: Exception) -> DecodeError:
+    if isinstance(e, ProtobufDecodeError):
+        return DecodeError(f"block {info.block_id}: malformed ResourceSpans: {e}")
+    return DecodeError(f"block {info.block_id}: span value out of range: {e}")
+
+
+_BLOCK_ERRORS = (ProtobufDecodeError, OverflowError, pa.ArrowInvalid)
+
+
+def _decode_batch(
+    batch: list[tuple[int, bytes, BlockInfo]], errors: dict[int, DecodeError], columnar: bool
+) -> pa.Table:
+    """One columnar pass over ``batch``; block by block (then span by span) if it fails."""
+    per_block: list[list[_Scope]] = []
+    infos: list[BlockInfo] = []
+    origin: list[int] = []  # position in the input of each decodable block
+    for i, payload, info in batch:
+        b = len(infos)
+        try:
+            scopes = []
+            for ss in RawResourceSpans.FromString(payload).scope_spans:
+                spans = list(ss.spans)
+                if spans:
+                    scopes.append(_Scope(b, spans, *_scope_info(ss)))
+        except ProtobufDecodeError as e:
+            errors[i] = _error(info, e)
+            continue
+        per_block.append(scopes)
+        infos.append(info)
+        origin.append(i)
+    chunks: list[dict[str, pa.Array]] = []
+    cols = None
+    scopes_all = [s for sc in per_block for s in sc]
+    if columnar and scopes_all:
+        try:
+            cols = _columns(scopes_all)
+        except _BLOCK_ERRORS:
+            cols = None  # find the block concerned, below
+    if cols is not None:
+        chunks.append(cols)
+    else:
+        for b, scopes in enumerate(per_block):
+            one = None
+            if not scopes:
                 continue
-            trace_ids.append(tid)
-            span_ids.append(sid)
-            p = s.parent_span_id
-            if len(p) == 8:
-                parents.append(p)
-                has_parent.append(True)
-            else:
-                parents.append(no_parent)
-                has_parent.append(False)
-            starts.append(st)
-            ends.append(en)
-            names.append(s.name)
-            k = s.kind
-            kinds.append(k if 0 <= k < nkinds else 0)
-            status = s.status
-            if status:
-                c, m = _status(status)
-                statuses.append(c)
-                messages.append(m)
-            else:
-                statuses.append(0)
-                messages.append(None)
-            attrs = s.attributes
-            if attrs:
-                items = [cache_get(b) or cache_miss(b) for b in attrs]
-                if len(items) == 1 and not extras:
-                    props.append("{" + items[0][1] + "}")
-                else:
-                    props.append(_properties(items, extras, prefix))
-            else:
-                props.append(empty_props)
-            ev = s.events
-            events.append(_events(ev) if ev else "[]")
-            lk = s.links
-            links.append(_links(lk) if lk else "[]")
+            if columnar and len(per_block) > 1:
+                try:
+                    one = _columns(scopes)
+                except _BLOCK_ERRORS:
+                    one = None  # the per-span path decides
+            if one is not None:
+                chunks.append(one)
+                continue
+            try:
+                chunks.extend([_scope_rows_slow(s) for s in scopes])
+            except _BLOCK_ERRORS as e:
+                errors[origin[b]] = _error(infos[b], e)
+    return _table(chunks, infos)
 
-    n = len(starts)
-    if n == 0:
+
+def _table(chunks: list[dict[str, pa.Array]], infos: list[BlockInfo]) -> pa.Table:
+    """The table of the span columns ``chunks`` and the metadata of their blocks ``infos``."""
+    chunks = [c for c in chunks if len(c["start"])]
+    if not chunks:
         return empty_table()
-    start_arr = pa.array(starts, pa.int64())
-    end_arr = pa.array(ends, pa.int64())
-    name_arr = pa.array(names, pa.utf8())
-    msg_arr = pa.array(messages, pa.utf8())
+    if len(chunks) == 1:
+        span_cols = chunks[0]
+    else:
+        span_cols = {k: pa.concat_arrays([c[k] for c in chunks]) for k in chunks[0]}
+    n = len(span_cols["start"])
+    block = span_cols["block"]
+
+    def per_block(values: list[Any], typ: pa.DataType) -> pa.Array:
+        if all(v == values[0] for v in values):
+            return pa.repeat(pa.scalar(values[0], typ), n)
+        return pa.array(values, typ).take(block)
+
+    start_arr, end_arr = span_cols["start"], span_cols["end"]
+    name_arr, msg_arr = span_cols["name"], span_cols["status_message"]
     if pc.any(pc.match_substring(name_arr, "\x00")).as_py():
         name_arr = pc.replace_substring(name_arr, "\x00", "\ufffd")
     if msg_arr.null_count < n and pc.any(pc.match_substring(msg_arr, "\x00")).as_py():
         msg_arr = pc.replace_substring(msg_arr, "\x00", "\ufffd")
+    uuid16, utf8 = pa.binary(16), pa.utf8()
     cols: dict[str, pa.Array] = {
-        "process_id": pa.repeat(pa.scalar(info.process_id.bytes, pa.binary(16)), n),
-        "stream_id": pa.repeat(pa.scalar(info.stream_id.bytes, pa.binary(16)), n),
-        "block_id": pa.repeat(pa.scalar(info.block_id.bytes, pa.binary(16)), n),
-        "insert_time": pa.repeat(pa.scalar(info.insert_time, TIMESTAMP), n),
-        "exe": pa.repeat(pa.scalar(info.exe, pa.utf8()), n),
-        "username": pa.repeat(pa.scalar(info.username, pa.utf8()), n),
-        "computer": pa.repeat(pa.scalar(info.computer, pa.utf8()), n),
-        "process_properties": pa.repeat(pa.scalar(info.process_properties, pa.utf8()), n),
-        "trace_id": hex_array(b"".join(trace_ids), 16, n),
-        "span_id": hex_array(b"".join(span_ids), 8, n),
-        "parent_span_id": hex_array(b"".join(parents), 8, n, has_parent),
+        "process_id": per_block([i.process_id.bytes for i in infos], uuid16),
+        "stream_id": per_block([i.stream_id.bytes for i in infos], uuid16),
+        "block_id": per_block([i.block_id.bytes for i in infos], uuid16),
+        "insert_time": per_block([i.insert_time for i in infos], TIMESTAMP),
+        "exe": per_block([i.exe for i in infos], utf8),
+        "username": per_block([i.username for i in infos], utf8),
+        "computer": per_block([i.computer for i in infos], utf8),
+        "process_properties": per_block([i.process_properties for i in infos], utf8),
+        "trace_id": _hex_ids(span_cols["trace_id"], 16),
+        "span_id": _hex_ids(span_cols["span_id"], 8),
+        "parent_span_id": _hex_ids(span_cols["parent"], 8),
         "start_time": _ns_to_timestamp(start_arr),
         "end_time": _ns_to_timestamp(end_arr),
         "duration": pc.subtract(end_arr, start_arr),
         "name": name_arr,
-        "kind": pc.take(_KIND_DICT, pa.array(kinds, pa.int8())),
-        "status": pc.take(_STATUS_DICT, pa.array(statuses, pa.int8())),
+        "kind": pc.take(_KIND_DICT, span_cols["kind"]),
+        "status": pc.take(_STATUS_DICT, span_cols["status"]),
         "status_message": msg_arr,
-        "properties": pa.array(props, pa.utf8()),
-        "events": pa.array(events, pa.utf8()),
-        "links": pa.array(links, pa.utf8()),
+        "properties": span_cols["properties"],
+        "events": span_cols["events"],
+        "links": span_cols["links"],
+        "service_name": per_block([i.service_name for i in infos], utf8),
     }
     return pa.Table.from_arrays([cols[c] for c in COLUMN_NAMES], schema=arrow_schema())
