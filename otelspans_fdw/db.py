@@ -17,12 +17,26 @@ Tables (names and columns are relied on by the lake and the wrapper):
     one row per stored ``ResourceSpans`` payload, at ``object_path`` in the object store.
     ``begin_time_ns``/``end_time_ns`` keep the nanosecond bounds that ``timestamptz`` cannot.
 ``otel_trace_blocks`` (migration 2, issue 6)
-    the trace index: one row per distinct valid trace id per block, with the block's process and
-    the min start / max end of that trace's spans in the block, so ``trace_id = X`` without a
-    process finds its blocks with one B-tree probe (see :mod:`otelspans_fdw.traces`).  Written
-    by the receiver in the same transaction as the block rows, only for blocks that transaction
-    inserted (no duplicates on retries).  Receivers started with ``--no-trace-index`` leave it
-    empty for their blocks.
+    the trace index, **one row per block**: ``trace_ids`` the distinct valid trace ids of its
+    spans, ``bounds`` their min start / max end in that block (two big-endian unsigned 64-bit
+    integers per id, nanoseconds since the Unix epoch as in OTLP, in ``trace_ids`` order), and
+    a GIN index on ``trace_ids``, so ``trace_id = X`` without a process finds its blocks with
+    one index probe (see :mod:`otelspans_fdw.traces`).  One row per block rather than one per
+    (trace, block) because heap rows were most of the ingestion cost (bench/RESULTS.md, "Trace
+    index"); the GIN pending list (``fastupdate``) turns the per-id index work into sorted bulk
+    merges, which the receiver runs on a connection of its own
+    (:func:`otelspans_fdw.ingest.metadata.clean_trace_index`), ``gin_pending_list_limit``
+    (16 MB) only capping the list if those merges cannot run; ``STORAGE EXTERNAL`` skips a
+    futile compression attempt on random ids.  The arrays live in TOAST, so the heap looks tiny
+    to the planner, which then prefers a scan that detoasts every array (a sequential one, or a
+    full scan of the primary key once pending pages raise the GIN estimate: 7 ms at 1,000
+    blocks, 70 ms at 10,000, where the GIN probe takes 0.3 ms):
+    ``otel_trace_block_bounds(ids)`` runs the lookup with ``enable_seqscan`` and
+    ``enable_indexscan`` off, for itself only (bitmap scans remain), and returns each matching
+    block (process, id, insert time) with the 16 bytes of bounds of each asked id it holds.
+    Written by the receiver in the same transaction as the block rows, only for blocks that
+    transaction inserted (the primary key guards against duplicates).  Receivers started with
+    ``--no-trace-index`` write no rows for their blocks.
 """
 
 from __future__ import annotations
@@ -93,13 +107,27 @@ MIGRATIONS: list[tuple[int, str]] = [
         2,
         """
         CREATE TABLE otel_trace_blocks (
-            trace_id   uuid NOT NULL,
-            block_id   uuid NOT NULL,
-            process_id uuid NOT NULL,
-            begin_time timestamptz NOT NULL,
-            end_time   timestamptz NOT NULL
+            block_id  uuid PRIMARY KEY,
+            trace_ids uuid[] NOT NULL,
+            bounds    bytea NOT NULL
         );
-        CREATE INDEX otel_trace_blocks_trace ON otel_trace_blocks (trace_id);
+        ALTER TABLE otel_trace_blocks
+            ALTER trace_ids SET STORAGE EXTERNAL, ALTER bounds SET STORAGE EXTERNAL;
+        CREATE INDEX otel_trace_blocks_trace ON otel_trace_blocks
+            USING gin (trace_ids) WITH (fastupdate = on, gin_pending_list_limit = 16384);
+        CREATE FUNCTION otel_trace_block_bounds(ids uuid[])
+            RETURNS TABLE (process_id uuid, block_id uuid, insert_time timestamptz, bounds bytea)
+            LANGUAGE sql STABLE ROWS 10 SET enable_seqscan = off SET enable_indexscan = off
+        AS $$
+            SELECT b.process_id, b.block_id, b.insert_time,
+                   substring(t.bounds FROM x.pos * 16 - 15 FOR 16)
+            FROM otel_trace_blocks t
+            JOIN otel_blocks b ON b.block_id = t.block_id
+            CROSS JOIN LATERAL (
+                SELECT array_position(t.trace_ids, q.id) FROM unnest(ids) AS q(id)
+            ) AS x(pos)
+            WHERE t.trace_ids && ids AND x.pos IS NOT NULL
+        $$;
         """,
     ),
 ]

@@ -7,7 +7,9 @@ payload we find among the stored blocks by its bytes.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import struct
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +26,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_ingest_receiver import PB, post
 
+from otelspans_fdw import db
 from otelspans_fdw.ingest.decode import decode_request
+from otelspans_fdw.ingest.groupcommit import GroupCommitter
 from otelspans_fdw.traces import blocks_for_traces, parse_trace_ids
 
 SERVICES = ["frontend", "checkout", "cart", "inventory", "payments", "shipping"]
@@ -128,7 +132,11 @@ def test_trace_lookup_finds_exactly_the_blocks_across_processes(receiver) -> Non
                 "SELECT properties->>'otel.resource.service.name', process_id FROM otel_processes"
             ).fetchall()
         )
-        n_index_rows = c.execute("SELECT count(*) FROM otel_trace_blocks").fetchone()[0]
+        n_index_rows, n_index_ids, n_misaligned = c.execute(
+            "SELECT count(*), sum(cardinality(trace_ids)),"
+            " count(*) FILTER (WHERE length(bounds) <> 16 * cardinality(trace_ids))"
+            " FROM otel_trace_blocks"
+        ).fetchone()
     assert len(blocks) == len(chunks) == 14
     expected_rows = 0
     with psycopg.connect(receiver.dsn) as c:
@@ -162,8 +170,10 @@ def test_trace_lookup_finds_exactly_the_blocks_across_processes(receiver) -> Non
         assert blocks_for_traces(c, [f"{traces[0] ^ 1:032x}", "nothex" * 6]) == []
     distinct_pairs = {
         (s.context.trace_id, blocks[payload_of(ch)][1]) for ch in chunks for s in ch
-    }  # every trace id, not only those asked above: the index has exactly one row per pair
-    assert n_index_rows == len(distinct_pairs) >= expected_rows
+    }  # every trace id, not only those asked above: the index has each pair exactly once
+    assert n_index_ids == len(distinct_pairs) >= expected_rows
+    assert n_index_rows == len(blocks)  # one row per block, the retried one not twice
+    assert n_misaligned == 0
 
 
 def test_invalid_spans_are_not_indexed_and_the_switch_turns_it_off(receiver_factory) -> None:
@@ -175,16 +185,31 @@ def test_invalid_spans_are_not_indexed_and_the_switch_turns_it_off(receiver_fact
     assert post(on.http_url, req.SerializeToString(), PB)[0] == 200
     with psycopg.connect(on.dsn) as c:
         got = blocks_for_traces(c, [f"{1000 + 1:032x}", f"{99:032x}"])
-        assert c.execute("SELECT count(*) FROM otel_trace_blocks").fetchone()[0] == 2
+        ids, bounds = c.execute("SELECT trace_ids, bounds FROM otel_trace_blocks").fetchone()
     (block,) = decode_request(req.SerializeToString()).blocks
     assert [r.block_id for r in got] == [block.block_id]
+    # One row for the block: the two valid ids, each with its own bounds (in nanoseconds).
+    assert ids == [uuid.UUID(int=1001), uuid.UUID(int=99)]
+    s0, s1 = spans[0], spans[1]
+    assert bounds == struct.pack(
+        ">4Q",
+        s0.start_time_unix_nano,
+        s0.end_time_unix_nano,
+        s1.start_time_unix_nano,
+        s1.end_time_unix_nano,
+    )
+    # Both ids asked at once: the block once, with the union of the two traces' bounds.
+    assert (got[0].begin_time, got[0].end_time) == (
+        us(s0.start_time_unix_nano),
+        us(s1.end_time_unix_nano),
+    )
     on.stop()
     off = receiver_factory("--no-trace-index")
     req2 = make_request(2, seed=2)
     assert post(off.http_url, req2.SerializeToString(), PB)[0] == 200
     with psycopg.connect(off.dsn) as c:
         assert c.execute("SELECT count(*) FROM otel_blocks").fetchone()[0] == 2
-        assert c.execute("SELECT count(*) FROM otel_trace_blocks").fetchone()[0] == 2  # unchanged
+        assert c.execute("SELECT count(*) FROM otel_trace_blocks").fetchone()[0] == 1  # unchanged
         assert blocks_for_traces(c, [f"{2000 + 1:032x}"]) == []
 
 
@@ -201,3 +226,38 @@ def test_decode_extracts_distinct_trace_ids_with_bounds() -> None:
     }
     assert list(blocks[1].traces) == [uuid.UUID(int=3101).bytes]
     assert parse_trace_ids(["0" * 31 + "1", "0" * 31 + "1", "bad"]) == [uuid.UUID(int=1)]
+
+
+def test_pending_list_is_merged_aside_and_lookups_see_both_sides(fresh_dsn) -> None:
+    """The receiver's merges empty the GIN pending list; ids still pending are found too."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        db.migrate(c)
+        c.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    # One block per request, one trace per block (trace id seed * 1000 + 1).
+    blocks = [
+        decode_request(make_request(4, seed=s).SerializeToString()).blocks for s in range(1, 6)
+    ]
+
+    async def commit_all(todo: list[list], every: int) -> int:
+        gc = GroupCommitter(fresh_dsn, clean_every_ids=every)
+        await gc.start()
+        for bl in todo:
+            await gc.commit(bl)
+        await gc.close()  # waits for a merge in progress
+        return gc.index_merges
+
+    def pending() -> int:
+        with psycopg.connect(fresh_dsn) as c:
+            return c.execute(
+                "SELECT n_pending_tuples"
+                " FROM gin_metapage_info(get_raw_page('otel_trace_blocks_trace', 0))"
+            ).fetchone()[0]
+
+    assert asyncio.run(commit_all(blocks[:3], every=3)) == 1  # merged after the 3rd id
+    assert pending() == 0
+    assert asyncio.run(commit_all(blocks[3:], every=0)) == 0  # merges off: the ids stay pending
+    assert pending() == 2
+    with psycopg.connect(fresh_dsn) as c:
+        for s, bl in enumerate(blocks, start=1):
+            got = blocks_for_traces(c, [f"{s * 1000 + 1:032x}"])
+            assert [r.block_id for r in got] == [bl[0].block_id]
