@@ -22,6 +22,10 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["BackendInfo", "backend_info", "default_dsn", "default_store_url"]
 
@@ -110,11 +114,18 @@ def default_dsn() -> str:
     return info.dsn if info else ""
 
 
-def default_store_url() -> str:
-    """``OTELSPANS_STORE``, else ``<data directory>/otelspans_store`` inside a backend."""
+def default_store_url(conn: psycopg.Connection | None = None) -> str:
+    """``OTELSPANS_STORE``, else the store the receiver recorded in the metadata database
+    (``otel_settings``), else ``<data directory>/otelspans_store`` inside a backend."""
     env = os.environ.get("OTELSPANS_STORE")
     if env:
         return env
+    if conn is not None:
+        from otelspans_fdw import db
+
+        recorded = db.setting(conn, db.STORE_URL_SETTING)
+        if recorded:
+            return recorded
     datadir = Path(os.getcwd())
     if (datadir / "PG_VERSION").is_file():
         return str(datadir / "otelspans_store")

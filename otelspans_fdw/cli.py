@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from otelspans_fdw.cli_maintenance import add_publish, add_retention
 from otelspans_fdw.exceptions import OtelSpansError
 
 __all__ = ["main"]
@@ -134,6 +135,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     failed = 0
     with db.connect(args.dsn) as conn:
         db.migrate(conn)
+        db.record_setting(conn, db.STORE_URL_SETTING, store.url)
         for path in args.files:
             try:
                 r = ingest_file(path, store, conn)
@@ -274,6 +276,45 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trace (issue 6) ---------------------------------------------------------------------------
+
+
+def add_trace(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="print one trace across services as a waterfall")
+    p.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
+    p.add_argument(
+        "--dsn",
+        default=None,
+        help="database with the otelspans extension (default $OTELSPANS_DSN or PG* vars)",
+    )
+    p.add_argument("--width", type=int, default=None, help="columns (default: the terminal's)")
+    p.set_defaults(func=cmd_trace)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import shutil
+
+    import psycopg
+
+    from otelspans_fdw import db
+    from otelspans_fdw.waterfall import fetch_trace, render_waterfall
+
+    width = args.width or shutil.get_terminal_size((120, 24)).columns
+    with db.connect(args.dsn) as conn:
+        try:
+            spans = fetch_trace(conn, args.trace_id)
+        except psycopg.errors.UndefinedFunction as e:
+            raise OtelSpansError(
+                "otel_trace() is not installed in this database",
+                hint="Run CREATE EXTENSION otelspans there, or give --dsn of that database.",
+            ) from e
+        except psycopg.Error as e:  # e.g. the wrapper's ERROR: show it, not a traceback
+            d = e.diag
+            raise OtelSpansError(d.message_primary or str(e), hint=d.message_hint) from e
+    sys.stdout.write(render_waterfall(args.trace_id, spans, width=width))
+    return 0 if spans else 1
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_ingest,
@@ -281,6 +322,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_status,
     add_migrate,
     add_cleanup,
+    add_trace,
+    add_retention,
+    add_publish,
 ]
 
 

@@ -56,6 +56,8 @@ __all__ = [
     "current_version",
     "default_dsn",
     "migrate",
+    "record_setting",
+    "setting",
     "status_counts",
 ]
 
@@ -130,9 +132,24 @@ MIGRATIONS: list[tuple[int, str]] = [
         $$;
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE otel_settings (
+            name       text PRIMARY KEY,
+            value      text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE otel_settings IS
+            'settings shared by the receiver and the wrapper (store_url: where blocks live)';
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+#: The object store the receiver writes to, so that the wrapper reads the same one by default.
+STORE_URL_SETTING = "store_url"
 
 
 def default_dsn() -> str:
@@ -187,6 +204,31 @@ def migrate(conn: psycopg.Connection) -> int:
             conn.execute("INSERT INTO otel_schema_version (version) VALUES (%s)", (version,))
             applied += 1
     return applied
+
+
+def record_setting(conn: psycopg.Connection, name: str, value: str) -> str:
+    """Record ``name`` unless it is already set; return the value in force (first one wins).
+
+    The receiver records its store here: a wrapper whose server has no ``store`` option then
+    reads blocks where they were written, with no configuration on either side.
+    """
+    row = conn.execute(
+        "WITH ins AS (INSERT INTO otel_settings (name, value) VALUES (%s, %s)"
+        " ON CONFLICT (name) DO NOTHING RETURNING value)"
+        " SELECT value FROM ins UNION ALL SELECT value FROM otel_settings WHERE name = %s",
+        (name, value, name),
+    ).fetchone()
+    if not conn.autocommit:
+        conn.commit()
+    return str(row[0]) if row else value
+
+
+def setting(conn: psycopg.Connection, name: str) -> str | None:
+    """A recorded setting, or None (also before migration 3)."""
+    if not conn.execute("SELECT to_regclass('otel_settings') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+        return None
+    row = conn.execute("SELECT value FROM otel_settings WHERE name = %s", (name,)).fetchone()
+    return str(row[0]) if row else None
 
 
 def status_counts(conn: psycopg.Connection) -> dict[str, int]:

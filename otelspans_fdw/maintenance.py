@@ -72,8 +72,8 @@ def _configure(server: str) -> tuple[psycopg.Connection, str, ObjectStore]:
     with db.connect(local, autocommit=True) as probe:
         options = server_options(probe, server)
     dsn = options.get("dsn") or local
-    store = store_from_options(options, default=backend.default_store_url())
     conn = db.connect(dsn, autocommit=True)
+    store = store_from_options(options, default=backend.default_store_url(conn))
     return conn, dsn, store
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import psycopg
 import pyarrow as pa
@@ -121,3 +122,22 @@ def test_connect_failure_is_metadata_error() -> None:
 
     with pytest.raises(MetadataError):
         db.connect(f"host=127.0.0.1 port={free_port()} connect_timeout=2")
+
+
+def test_receiver_records_its_store_for_the_wrapper(fresh_dsn: str, tmp_path: Path) -> None:
+    """The first receiver's store becomes the default of wrappers with no store option."""
+    from otelspans_fdw import backend
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        db.migrate(conn)
+        assert db.setting(conn, db.STORE_URL_SETTING) is None
+        assert db.record_setting(conn, db.STORE_URL_SETTING, str(first)) == str(first)
+        assert db.record_setting(conn, db.STORE_URL_SETTING, str(second)) == str(first)
+        assert backend.default_store_url(conn) == str(first)
+
+
+def test_a_started_receiver_records_its_store(receiver: object, fresh_dsn: str) -> None:
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        recorded = db.setting(conn, db.STORE_URL_SETTING)
+    assert recorded == str(Path(receiver.store).resolve())  # type: ignore[attr-defined]

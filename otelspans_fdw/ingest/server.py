@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
+import psycopg
 from aiohttp import web
 
 from otelspans_fdw import db
@@ -113,6 +114,7 @@ class Receiver:
     def _migrate(self) -> None:
         with db.connect(self.config.dsn) as conn:
             db.migrate(conn)
+            _record_store(conn, self.store.url)
 
     async def stop(self) -> None:
         if self._grpc is not None:
@@ -149,3 +151,16 @@ async def _serve(config: ReceiverConfig, ready: asyncio.Event | None = None) -> 
 def serve(config: ReceiverConfig) -> None:
     """Run a receiver until SIGINT/SIGTERM."""
     asyncio.run(_serve(config))
+
+
+def _record_store(conn: psycopg.Connection, url: str) -> None:
+    """Tell wrappers where blocks are written (first receiver wins; warn on disagreement)."""
+    recorded = db.record_setting(conn, db.STORE_URL_SETTING, url)
+    if recorded != url:
+        log.warning(
+            "the metadata database records store %s but this receiver writes to %s: queries "
+            "without a store option read %s",
+            recorded,
+            url,
+            recorded,
+        )
