@@ -16,6 +16,18 @@ Options (server, then table; the table wins):
     must be the receiver's ``--store``.
 ``rows_per_process``
     planner estimate of rows one process yields when nothing better is known (default 100000).
+``rows_per_trace``
+    planner estimate of the rows of one trace, for joins on ``trace_id`` (default 50).
+``max_window``
+    widest time window (a PostgreSQL interval, default ``1 day``) a query may ask for without
+    a ``process_id`` or ``trace_id`` condition; wider ones fail with a HINT.
+``max_processes``
+    most processes (default 1000) such a window query may touch.
+
+A scan needs one of: ``process_id`` conditions (or a join with ``otel_processes``),
+``trace_id`` conditions (or a join on ``trace_id``: found through the trace index, across
+processes), or a bounded time window (``start_time >= ...``).  Others fail with a HINT naming
+the three.
 
 Metadata access uses its own autocommit connection, shared by the wrappers of a backend, so
 materialised partitions persist whatever the user's transaction does.
@@ -23,6 +35,7 @@ materialised partitions persist whatever the user's transaction does.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -41,27 +54,32 @@ except ImportError:
     _OUR_HOST = True
 
 from otelspans_fdw import backend, db
-from otelspans_fdw.exceptions import InvalidQueryError
+from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
 from otelspans_fdw.lake.partitions import ensure_schema
-from otelspans_fdw.lake.spans import ScanReport, SpansLake
-from otelspans_fdw.objstore import ObjectStore, open_store
+from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
+from otelspans_fdw.objstore import store_from_options
 from otelspans_fdw.quals import ScanRequest, scan_request
 from otelspans_fdw.schema import COLUMN_NAMES
 
-__all__ = ["MISSING_PROCESS_HINT", "OtelSpansFDW"]
+__all__ = ["MISSING_PROCESS_HINT", "NO_QUAL_MESSAGE", "OtelSpansFDW"]
 
+NO_QUAL_MESSAGE = "otel_spans needs a process_id, trace_id or time window condition"
 MISSING_PROCESS_HINT = (
-    "Give the process: WHERE process_id = '<uuid>' (or process_id IN (...)), "
-    "or join with otel_processes: SELECT ... FROM otel_processes p "
-    "JOIN otel_spans s USING (process_id) WHERE p.exe = '...'."
+    "Give one of: the process, WHERE process_id = '<uuid>' (or IN (...), or "
+    "SELECT ... FROM otel_processes p JOIN otel_spans s USING (process_id) WHERE p.exe = '...'); "
+    "the trace, WHERE trace_id = '<32 hex digits>' (or IN (...), or a join on trace_id); "
+    "or a bounded time window, WHERE start_time >= now() - interval '15 minutes' "
+    "(at most the server option max_window, default 1 day)."
 )
-# Rows the planner is told for a scan with no process qual: large, so that a parameterized
-# path (process_id from a join) always wins over a scan that would fail.
+# Rows the planner is told for a scan with no usable qual: large, so that a parameterized
+# path (process_id or trace_id from a join) always wins over a scan that would fail.
 _NO_PROCESS_ROWS = 10**9
+_DEFAULT_MAX_WINDOW = "1 day"
+_DEFAULT_MAX_PROCESSES = 1000
+_intervals: dict[str, dt.timedelta] = {}
 _PATH_KEY_TTL = 60.0
 
 _connections: dict[str, psycopg.Connection] = {}
-_stores: dict[str, ObjectStore] = {}
 
 
 def _connection(dsn: str) -> psycopg.Connection:
@@ -77,11 +95,18 @@ def _connection(dsn: str) -> psycopg.Connection:
     return conn
 
 
-def _store(url: str) -> ObjectStore:
-    store = _stores.get(url)
-    if store is None:
-        store = _stores[url] = open_store(url)
-    return store
+def _interval(conn: psycopg.Connection, text: str) -> dt.timedelta:
+    """An interval option as PostgreSQL reads it (``1 day``, ``90 min``, ``PT2H``...)."""
+    td = _intervals.get(text)
+    if td is None:
+        try:
+            r = conn.execute("SELECT extract(epoch FROM %s::interval)::float8", (text,)).fetchone()
+        except psycopg.Error as e:
+            raise ConfigurationError(
+                f"otel_spans: max_window {text!r} is not an interval", hint="e.g. '1 day'"
+            ) from e
+        td = _intervals[text] = dt.timedelta(seconds=float(r[0]))  # type: ignore[index]
+    return td
 
 
 class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
@@ -92,6 +117,8 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         self.options = dict(fdw_options)
         self.table_columns = [c for c in fdw_columns if c in COLUMN_NAMES]
         self.rows_per_process = int(self.options.get("rows_per_process", "100000"))
+        self.rows_per_trace = int(self.options.get("rows_per_trace", "50"))
+        self.max_processes = int(self.options.get("max_processes", _DEFAULT_MAX_PROCESSES))
         self._path_rows: tuple[float, int] | None = None
         #: Report of the last scan (tests and EXPLAIN ANALYZE-like inspection).
         self.last_report: ScanReport | None = None
@@ -107,10 +134,16 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         return self.options.get("store") or backend.default_store_url()
 
     def _lake(self) -> SpansLake:
+        conn = _connection(self.dsn)
+        limits = ScanLimits(
+            _interval(conn, self.options.get("max_window", _DEFAULT_MAX_WINDOW)),
+            self.max_processes,
+        )
         return SpansLake(
-            _connection(self.dsn),
-            _store(self.store_url),
+            conn,
+            store_from_options(self.options, default=self.store_url),
             warn=lambda msg: log_to_postgres(msg, WARNING),
+            limits=limits,
         )
 
     def _columns(self, columns: Iterable[str]) -> list[str]:
@@ -130,31 +163,37 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     ) -> Any:
         """Arrow batches of the matching spans (PostgreSQL rechecks every qual)."""
         req = scan_request(quals)
-        if req.process_ids is None:
-            raise InvalidQueryError(
-                "otel_spans needs a process_id condition", hint=MISSING_PROCESS_HINT
-            )
+        if route(req) == "none":
+            raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
         reader, self.last_report = self._lake().scan(req, self._columns(columns))
         if _OUR_HOST:
             return reader
         return _rows(reader)
 
     def get_rel_size(self, quals: list[Any], columns: Iterable[str]) -> tuple[int, int]:
-        """Rows from the blocks' span counts of the requested processes and window."""
+        """Rows from the blocks' span counts of the requested processes/traces and window."""
         width = 40 * len(self._columns(columns))
         req = scan_request(quals)
-        if req.process_ids is None:
+        if route(req) == "none":
             return (_NO_PROCESS_ROWS, width)
         if req.is_empty:
             return (1, width)
         try:
             rows = self._lake().estimate(req)
-        except psycopg.Error:
-            rows = self.rows_per_process * len(req.process_ids)
+        except (psycopg.Error, InvalidQueryError):
+            # A window beyond the limits fails at execution, with the HINT, not at planning.
+            r = route(req)
+            if r == "process":
+                rows = self.rows_per_process * len(req.process_ids or ())
+            elif r == "trace":
+                rows = self.rows_per_trace * len(req.trace_ids or ())
+            else:
+                rows = _NO_PROCESS_ROWS
         return (max(rows, 1), width)
 
     def get_path_keys(self) -> list[tuple[tuple[str, ...], int]]:
-        """``process_id`` given by equality (e.g. from a join) cuts the rows to one process."""
+        """``process_id`` given by equality (e.g. from a join) cuts the rows to one process,
+        ``trace_id`` to one trace (found across processes through the trace index)."""
         now = time.monotonic()
         if self._path_rows is None or now - self._path_rows[0] > _PATH_KEY_TTL:
             rows = self.rows_per_process
@@ -172,7 +211,10 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             except psycopg.Error:
                 pass
             self._path_rows = (now, rows)
-        return [(("process_id",), max(self._path_rows[1], 1))]
+        return [
+            (("process_id",), max(self._path_rows[1], 1)),
+            (("trace_id",), max(self.rows_per_trace, 1)),
+        ]
 
     def explain(
         self,
@@ -183,9 +225,15 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     ) -> list[str]:
         """Window, partitions (stale ones are refreshed by the scan), files, row groups, filters."""
         req: ScanRequest = scan_request(quals)
-        if req.process_ids is None:
-            return ["Process: from a parameter or the outer side of a join"]
-        report = self._lake().plan(req, row_groups=verbose)
+        if route(req) == "none":
+            return [
+                "Process, trace or window: known at execution (a parameter, the outer side"
+                " of a join, or an expression such as now() - interval '15 minutes')"
+            ]
+        try:
+            report = self._lake().plan(req, row_groups=verbose)
+        except InvalidQueryError as e:
+            return [f"Refused at execution: {e}"]
         return report.lines()
 
 

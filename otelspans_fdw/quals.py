@@ -8,6 +8,9 @@ Rules (PostgreSQL rechecks every qual, so anything we do not understand is simpl
 
 * ``process_id``: ``=`` a value, ``IN (...)``/``= ANY(...)``; several such quals intersect.
   ``= NULL`` or ``IS NULL`` can match nothing.
+* ``trace_id`` (issue 6): the same forms give ``trace_ids`` (lowercase hex), which lets a scan
+  find its processes through the trace index instead of a process qual.  The qual is also kept
+  as an ordinary predicate (the Parquet filter).
 * ``start_time``/``end_time`` with ``= < <= > >=`` narrow the window ``[begin, end]`` (BETWEEN
   arrives as two quals).  Any row satisfying the quals overlaps the window, so the store is
   scanned with the overlap filter ``start_time <= end AND end_time >= begin``; spans crossing
@@ -53,6 +56,7 @@ _TEXT_COLUMNS = frozenset(
         "exe",
         "username",
         "computer",
+        "service_name",
     }
 )
 _INT_COLUMNS = frozenset({"duration"})
@@ -123,18 +127,25 @@ class TimeWindow:
 class ScanRequest:
     """What a scan must return, as far as the quals say.
 
-    ``process_ids`` is None when no qual names the process (the wrapper refuses such scans);
-    an empty set means no row can match.
+    ``process_ids`` is None when no qual names the process; ``trace_ids`` likewise for the
+    trace (lowercase, as stored).  A scan needs one of them or a bounded window (the wrapper
+    refuses the others).  An empty set means no row can match.
     """
 
     process_ids: frozenset[uuid.UUID] | None = None
+    trace_ids: frozenset[str] | None = None
     window: TimeWindow = field(default_factory=TimeWindow)
     predicates: tuple[Predicate, ...] = ()
     matches_nothing: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return self.matches_nothing or self.window.is_empty or self.process_ids == frozenset()
+        return (
+            self.matches_nothing
+            or self.window.is_empty
+            or self.process_ids == frozenset()
+            or self.trace_ids == frozenset()
+        )
 
 
 def _as_uuid(v: Any) -> uuid.UUID | None:
@@ -213,6 +224,7 @@ def _narrow_window(window: TimeWindow, col: str, op: str, v: dt.datetime) -> Tim
 def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
     """Translate the quals the host offers into a :class:`ScanRequest`."""
     pids: frozenset[uuid.UUID] | None = None
+    tids: frozenset[str] | None = None
     window = TimeWindow()
     preds: list[Predicate] = []
     nothing = False
@@ -230,6 +242,9 @@ def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
                 ids = frozenset([u]) if u is not None else frozenset()
             pids = ids if pids is None else pids & ids
             continue
+        if col == "trace_id" and op == "=" and any_all is not False:
+            found = _trace_ids(q.value, any_all)
+            tids = found if tids is None else tids & found
         if col in ("start_time", "end_time") and any_all is None:
             t = _aware(q.value)
             if t is not None:
@@ -243,4 +258,14 @@ def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
         p = _predicate(q)
         if p is not None:
             preds.append(p)
-    return ScanRequest(pids, window, tuple(preds), nothing)
+    return ScanRequest(pids, tids, window, tuple(preds), nothing)
+
+
+def _trace_ids(value: Any, any_all: bool | None) -> frozenset[str]:
+    """The trace ids of an ``=``/``IN`` qual, as stored (lowercase); NULLs match nothing.
+
+    The value is lowercased only to find blocks; PostgreSQL rechecks the qual as written, so
+    an uppercase literal finds its blocks and then, rightly, no row (text ``=`` is exact).
+    """
+    vals = (value if isinstance(value, list | tuple) else []) if any_all else [value]
+    return frozenset(v.lower() for v in vals if isinstance(v, str))

@@ -19,8 +19,9 @@ Choices, and why:
 
 Bump :data:`SCHEMA_VERSION` whenever the file layout or the row mapping changes: partitions
 record the version they were written with and older ones count as stale, so they are rebuilt
-by the next scan that needs them (no migration of Parquet files).  Issue 6 adds
-``service_name``: append a :class:`Column` here, bump the version, regenerate the SQL.
+by the next scan that needs them (no migration of Parquet files).  Version 2 (issue 6) appended
+``service_name`` (the process's ``service.name``): new columns go at the end, so the position of
+the others never changes for users of ``SELECT *``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = [
 TABLE_NAME = "otel_spans"
 
 #: Version of the partition file layout and row mapping (bump -> old partitions are stale).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 UUID = pa.binary(16)
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -89,6 +90,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("properties", "jsonb", pa.utf8(), False, "span attributes + otel.scope.* (JSON)"),
     Column("events", "jsonb", pa.utf8(), False, "[{name, time (ns), attributes}] (JSON)"),
     Column("links", "jsonb", pa.utf8(), False, "[{trace_id, span_id, attributes}] (JSON)"),
+    Column("service_name", "text", pa.utf8(), True, "service.name of the process"),
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)

@@ -45,7 +45,11 @@ def _ms(ns: float) -> str:
 
 def render_waterfall(trace_id: str, spans: Sequence[WaterfallSpan], width: int = 100) -> str:
     """The waterfall as text: one line per span, indented by depth, with a bar on a shared
-    time axis; errors are marked ``!`` and orphans (parent never arrived) ``?``."""
+    time axis; errors are marked ``!`` and orphans (parent never arrived) ``?`` (a two-character
+    marker column, so an orphan that failed shows both).
+
+    Offsets are from the trace's first start; bars are scaled to the trace's total extent, and
+    a span of zero duration is drawn as a tick so that it never disappears."""
     if not spans:
         return f"trace {trace_id}: no spans\n"
     t0 = min(s.start_time for s in spans)
@@ -56,13 +60,13 @@ def render_waterfall(trace_id: str, spans: Sequence[WaterfallSpan], width: int =
     services = sorted({s.service for s in spans})
     errors = sum(s.status == "ERROR" for s in spans)
     label_w = min(48, max(len("  " * s.depth + s.name) for s in spans) + 2)
-    svc_w = min(24, max(len(x) for x in services))
+    svc_w = min(24, max(len("service"), *(len(x) for x in services)))
     bar_w = max(10, width - label_w - svc_w - 26)
 
     lines = [
         f"trace {trace_id}: {len(spans)} spans, {len(services)} services, "
         f"{errors} errors, {_ms(total)}",
-        f"{'service':<{svc_w}}  {'span':<{label_w}}{'offset':>10} {'duration':>11}  "
+        f"{'service':<{svc_w}}   {'span':<{label_w}}{'offset':>10} {'duration':>11}  "
         f"{'|' + '-' * bar_w + '|'}",
     ]
     for s in spans:
@@ -72,7 +76,7 @@ def render_waterfall(trace_id: str, spans: Sequence[WaterfallSpan], width: int =
         first = min(first, bar_w - 1)
         length = min(length, bar_w - first)
         bar = " " * first + (BAR * length if s.duration_ns else TICK)
-        mark = "!" if s.status == "ERROR" else ("?" if s.orphan else " ")
+        mark = ("!" if s.status == "ERROR" else " ") + ("?" if s.orphan else " ")
         label = ("  " * s.depth + s.name)[: label_w - 1]
         lines.append(
             f"{s.service[:svc_w]:<{svc_w}} {mark}{label:<{label_w}}{_ms(offset_ns):>10} "

@@ -1,9 +1,13 @@
 
 -- Trace functions (issue 6).  Both read otel_spans, so they see exactly what a query sees,
--- with the same just-in-time refresh.
+-- with the same just-in-time refresh: otel_trace through the trace index (trace_id), and
+-- otel_service_map through a bounded time window (subject to the server's max_window).
 
--- One trace across services in tree order: depth, the root-to-span path of span ids, and
--- orphans (spans whose parent never arrived) returned as roots, marked.
+-- One trace across services in tree order (children under their parent, siblings by start
+-- time, then span id), with the depth and the root-to-span path of span ids.  Spans whose
+-- parent never arrived are returned as roots of their own subtrees, marked orphan.  A span id
+-- stored twice (the same span in two different requests) is returned once: the copy from the
+-- earliest block.
 CREATE FUNCTION otel_trace(p_trace_id text)
 RETURNS TABLE (
     depth int, path text[], orphan boolean,
@@ -14,10 +18,12 @@ RETURNS TABLE (
 LANGUAGE sql STABLE
 AS $fn$
 WITH RECURSIVE spans AS MATERIALIZED (
-    SELECT s.span_id, s.parent_span_id, s.process_id, s.exe AS service_name, s.exe, s.name, s.kind,
+    SELECT DISTINCT ON (s.span_id)
+           s.span_id, s.parent_span_id, s.process_id, s.service_name, s.exe, s.name, s.kind,
            s.status, s.status_message, s.start_time, s.end_time, s.duration
       FROM otel_spans s
      WHERE s.trace_id = lower(p_trace_id)
+     ORDER BY s.span_id, s.insert_time, s.block_id
 ), tree AS (
     SELECT r.span_id, 0 AS depth, ARRAY[r.span_id] AS path,
            ARRAY[to_char(r.start_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || r.span_id]
@@ -46,8 +52,10 @@ $fn$;
 COMMENT ON FUNCTION otel_trace(text) IS
     'spans of one trace across services in tree order, with depth, path and orphans marked';
 
--- Calls between services: parent/child span pairs of one trace whose processes differ,
--- for child spans starting in [p_begin, p_end].
+-- Calls between services: parent/child span pairs of one trace whose processes differ, for
+-- child spans starting in [p_begin, p_end].  Parents are looked up among the spans
+-- overlapping the window (a parent contains its child's start, so it overlaps the window
+-- whenever the child starts in it, clock skew aside).  Latencies are the callee spans'.
 CREATE FUNCTION otel_service_map(p_begin timestamptz, p_end timestamptz)
 RETURNS TABLE (
     caller text, callee text, calls bigint, errors bigint,
@@ -56,10 +64,10 @@ RETURNS TABLE (
 LANGUAGE sql STABLE
 AS $fn$
 WITH spans AS MATERIALIZED (
-    SELECT s.process_id, s.exe AS service, s.trace_id, s.span_id,
-           s.parent_span_id, s.status, s.duration
+    SELECT s.process_id, coalesce(s.service_name, s.exe) AS service, s.trace_id, s.span_id,
+           s.parent_span_id, s.status, s.duration, s.start_time
       FROM otel_spans s
-     WHERE s.start_time >= p_begin AND s.start_time <= p_end
+     WHERE s.end_time >= p_begin AND s.start_time <= p_end
 )
 SELECT p.service, c.service, count(*), count(*) FILTER (WHERE c.status = 'ERROR'),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY c.duration) / 1e6,
@@ -68,6 +76,7 @@ SELECT p.service, c.service, count(*), count(*) FILTER (WHERE c.status = 'ERROR'
   FROM spans c
   JOIN spans p ON p.trace_id = c.trace_id AND p.span_id = c.parent_span_id
  WHERE p.process_id <> c.process_id
+   AND c.start_time >= p_begin AND c.start_time <= p_end
  GROUP BY 1, 2
  ORDER BY 1, 2
 $fn$;

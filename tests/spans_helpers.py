@@ -202,6 +202,7 @@ def expected_rows(
     username: str | None,
     computer: str | None,
     process_properties: dict[str, Any],
+    service_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one block as psycopg returns them (uuid, datetime, str, int, parsed JSON)."""
     rows = []
@@ -262,6 +263,7 @@ def expected_rows(
                         }
                         for lk in s.links
                     ],
+                    "service_name": service_name,
                 }
             )
     return rows
@@ -327,7 +329,7 @@ class Ingested:
             for block_id, rs in self.messages:
                 row = c.execute(
                     "SELECT b.process_id, b.stream_id, b.insert_time, p.exe, p.username,"
-                    " p.computer, p.properties FROM otel_blocks b"
+                    " p.computer, p.properties, p.service_name FROM otel_blocks b"
                     " JOIN otel_processes p USING (process_id) WHERE b.block_id = %s",
                     (block_id,),
                 ).fetchone()
@@ -344,6 +346,7 @@ class Ingested:
                     username=row[4],
                     computer=row[5],
                     process_properties=row[6],
+                    service_name=row[7],
                 )
         return sorted(out, key=row_key)
 

@@ -29,6 +29,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -44,8 +45,11 @@ __all__ = [
     "ensure_schema",
     "files_for_scan",
     "hour_blocks",
+    "hour_of",
     "lock_key",
     "partition_states",
+    "partition_states_for_keys",
+    "processes_in_window",
     "stored_partition",
 ]
 
@@ -182,13 +186,11 @@ class PartitionState:
         )
 
 
-_STATES_SQL = f"""
-WITH hours AS (
-    SELECT DISTINCT b.process_id, date_bin('1 hour', b.insert_time, 'epoch') AS hour
-    FROM otel_blocks b
-    WHERE b.process_id = ANY(%(pids)s)
-      AND b.begin_time <= %(end)s AND greatest(b.end_time, b.begin_time) >= %(begin)s
-), cur AS (
+# Current block counts/checksums of the partitions named by the ``hours`` CTE, next to what
+# is materialised.  Two ways to name them: hours of a process set overlapping a window, or
+# explicit (process, hour) keys (the trace lookup's).
+_CUR_SQL = f"""
+, cur AS (
     SELECT h.process_id, h.hour, count(*) AS nb_blocks, {_CHECKSUM_SQL} AS checksum,
            sum(b.nb_spans - b.nb_rejected) AS nb_spans
     FROM hours h
@@ -201,6 +203,26 @@ SELECT c.process_id, c.hour, c.nb_blocks, c.checksum, c.nb_spans,
 FROM cur c LEFT JOIN otel_partitions p USING (process_id, hour)
 ORDER BY c.process_id, c.hour
 """
+
+_STATES_SQL = (
+    """
+WITH hours AS (
+    SELECT DISTINCT b.process_id, date_bin('1 hour', b.insert_time, 'epoch') AS hour
+    FROM otel_blocks b
+    WHERE b.process_id = ANY(%(pids)s)
+      AND b.begin_time <= %(end)s AND greatest(b.end_time, b.begin_time) >= %(begin)s
+)"""
+    + _CUR_SQL
+)
+
+_KEY_STATES_SQL = (
+    """
+WITH hours AS (
+    SELECT DISTINCT k.process_id, k.hour
+    FROM unnest(%(pids)s::uuid[], %(hours)s::timestamptz[]) AS k(process_id, hour)
+)"""
+    + _CUR_SQL
+)
 
 _INF_PAST = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
 _INF_FUTURE = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
@@ -224,10 +246,48 @@ def partition_states(
             "end": window.end or _INF_FUTURE,
         },
     ).fetchall()
+    return _states(rows)
+
+
+def _states(rows: Sequence[Any]) -> list[PartitionState]:
     return [
         PartitionState(r[0], r[1], int(r[2]), int(r[3]), int(r[4] or 0), r[5], r[6], r[7], r[8])
         for r in rows
     ]
+
+
+def hour_of(t: dt.datetime) -> dt.datetime:
+    """The partition hour of an insert time: the twin of ``date_bin('1 hour', t, 'epoch')``."""
+    return dt.datetime.fromtimestamp(int(t.timestamp()) // 3600 * 3600, dt.UTC)
+
+
+def partition_states_for_keys(
+    conn: psycopg.Connection, keys: Sequence[tuple[uuid.UUID, dt.datetime]]
+) -> list[PartitionState]:
+    """The states of exactly the partitions ``keys`` (process, hour): a trace lookup knows its
+    blocks, so it refreshes their partitions and no other hour of those processes."""
+    if not keys:
+        return []
+    rows = conn.execute(
+        _KEY_STATES_SQL, {"pids": [k[0] for k in keys], "hours": [k[1] for k in keys]}
+    ).fetchall()
+    return _states(rows)
+
+
+def processes_in_window(
+    conn: psycopg.Connection, window: TimeWindow, limit: int
+) -> list[uuid.UUID]:
+    """Processes with blocks overlapping ``window``, at most ``limit`` of them (sorted).
+
+    Callers ask for one more than they accept, to tell "exactly the limit" from "more".
+    """
+    rows = conn.execute(
+        "SELECT DISTINCT process_id FROM otel_blocks"
+        " WHERE begin_time <= %s AND greatest(end_time, begin_time) >= %s"
+        " ORDER BY 1 LIMIT %s",
+        (window.end or _INF_FUTURE, window.begin or _INF_PAST, limit),
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def stored_partition(

@@ -29,15 +29,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 import pyarrow as pa
 
-from otelspans_fdw.exceptions import DecodeError, StoreError
+from otelspans_fdw.exceptions import StoreError
 from otelspans_fdw.lake import parquet
-from otelspans_fdw.lake.decode import BlockInfo, decode_block
+from otelspans_fdw.lake.decode import BlockInfo, decode_blocks
 from otelspans_fdw.lake.partitions import (
     BlockRow,
     PartitionState,
@@ -88,17 +88,20 @@ class _Process:
     username: str | None
     computer: str | None
     properties: str
+    service_name: str | None
 
 
 def _process(conn: psycopg.Connection, process_id: uuid.UUID) -> _Process:
     r = conn.execute(
-        "SELECT exe, username, computer, properties FROM otel_processes WHERE process_id = %s",
+        "SELECT exe, username, computer, properties, service_name FROM otel_processes"
+        " WHERE process_id = %s",
         (process_id,),
     ).fetchone()
     if r is None:
-        return _Process(None, None, None, "{}")
+        return _Process(None, None, None, "{}", None)
     props = r[3] if isinstance(r[3], dict) else json.loads(r[3] or "{}")
-    return _Process(r[0], r[1], r[2], json.dumps(props, sort_keys=True, separators=(",", ":")))
+    props_json = json.dumps(props, sort_keys=True, separators=(",", ":"))
+    return _Process(r[0], r[1], r[2], props_json, r[4])
 
 
 def _record_error(conn: psycopg.Connection, block: BlockRow, pid: uuid.UUID, err: str) -> None:
@@ -118,38 +121,52 @@ def _decode_blocks(
     stats: RefreshStats,
     warn: Warn,
 ) -> tuple[list[pa.Table], set[uuid.UUID]]:
-    """Decoded tables of ``blocks`` and the ids now covered (decoded or undecodable)."""
+    """Decoded tables of ``blocks`` and the ids now covered (decoded or undecodable).
+
+    The blocks go to the decoder together (``decode_blocks``: one columnar pass per batch,
+    whose fixed costs would dominate small blocks decoded one by one); payloads are read
+    lazily, so at most one batch of them is in memory.
+    """
     proc = _process(conn, process_id)
-    tables: list[pa.Table] = []
+    fetched: list[BlockRow] = []  # blocks handed to the decoder, in order
+
+    def payloads() -> Iterator[tuple[bytes, BlockInfo]]:
+        for b in blocks:
+            try:
+                payload = store.get(b.object_path)
+            except StoreError as e:
+                stats.blocks_failed += 1
+                warn(f"otel_spans: block {b.block_id} skipped for now: {e}")
+                continue
+            fetched.append(b)
+            yield (
+                payload,
+                BlockInfo(
+                    process_id,
+                    b.stream_id,
+                    b.block_id,
+                    b.insert_time,
+                    proc.exe,
+                    proc.username,
+                    proc.computer,
+                    proc.properties,
+                    proc.service_name,
+                ),
+            )
+
+    decoded = decode_blocks(payloads())
     covered: set[uuid.UUID] = set()
-    for b in blocks:
-        info = BlockInfo(
-            process_id,
-            b.stream_id,
-            b.block_id,
-            b.insert_time,
-            proc.exe,
-            proc.username,
-            proc.computer,
-            proc.properties,
-        )
-        try:
-            payload = store.get(b.object_path)
-        except StoreError as e:
-            stats.blocks_failed += 1
-            warn(f"otel_spans: block {b.block_id} skipped for now: {e}")
-            continue
-        try:
-            tables.append(decode_block(payload, info))
-        except DecodeError as e:
+    for i, b in enumerate(fetched):
+        err = decoded.errors.get(i)
+        if err is not None:
             stats.blocks_failed += 1
             stats.failed_block_ids.append(b.block_id)
-            _record_error(conn, b, process_id, str(e))
-            warn(f"otel_spans: block {b.block_id} cannot be decoded and is skipped: {e}")
+            _record_error(conn, b, process_id, str(err))
+            warn(f"otel_spans: block {b.block_id} cannot be decoded and is skipped: {err}")
         else:
             stats.blocks_decoded += 1
         covered.add(b.block_id)
-    return tables, covered
+    return ([decoded.table] if decoded.table.num_rows else []), covered
 
 
 def refresh_partition(

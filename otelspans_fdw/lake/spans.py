@@ -2,29 +2,86 @@
 
 This is what the wrapper calls; it knows nothing about Multicorn.  A scan:
 
-1. keeps the requested processes that exist (an unknown process simply has no rows);
-2. finds the partitions (process, insert hour) whose blocks overlap the window and refreshes
-   the stale ones (:mod:`otelspans_fdw.lake.refresh`);
+1. finds the partitions (process, insert hour) it needs, by one of three routes (the *scope*):
+
+   * **process**: ``process_id`` quals; the requested processes that exist (an unknown
+     process simply has no rows), every hour whose blocks overlap the window;
+   * **trace**: ``trace_id`` quals and no process: the trace index
+     (:func:`otelspans_fdw.traces.blocks_for_traces`) names the blocks, hence exactly the
+     partitions holding them, and the time range of those traces' spans narrows the window,
+     so that the row-group statistics of files sorted by ``start_time`` skip nearly all of
+     each file (see bench/RESULTS.md, "Traces");
+   * **window**: a bounded time window and nothing else: every process with blocks
+     overlapping it, within :class:`ScanLimits` (an ERROR with a HINT beyond them);
+
+2. refreshes the stale ones (:mod:`otelspans_fdw.lake.refresh`);
 3. lists the partition files overlapping the window from the index;
 4. opens one pyarrow scan over them with the projection and the pushed filter.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import psycopg
 import pyarrow as pa
 
-from otelspans_fdw.lake import parquet, partitions, refresh
+from otelspans_fdw.exceptions import InvalidQueryError
+from otelspans_fdw.lake import footers, parquet, partitions, refresh
 from otelspans_fdw.lake.filters import request_expression
+from otelspans_fdw.lake.partitions import PartitionState
 from otelspans_fdw.objstore import ObjectStore
-from otelspans_fdw.quals import ScanRequest
+from otelspans_fdw.quals import ScanRequest, TimeWindow
+from otelspans_fdw.traces import blocks_for_traces
 
-__all__ = ["ScanReport", "SpansLake"]
+__all__ = ["ScanLimits", "ScanReport", "Scope", "SpansLake", "route"]
+
+#: Planner guess of the rows one trace has in one block (the index does not count spans).
+ROWS_PER_TRACE_BLOCK = 4
+#: Parsed footers of partition files, per backend (files are immutable; see lake/footers.py).
+FOOTERS = footers.FooterCache()
+
+
+@dataclass(frozen=True, slots=True)
+class ScanLimits:
+    """What a scan without process or trace may touch (wrapper options ``max_window`` and
+    ``max_processes``): a typo'd dashboard query must not materialise a month of every
+    service."""
+
+    max_window: dt.timedelta = dt.timedelta(days=1)
+    max_processes: int = 1000
+
+
+Route = Literal["process", "trace", "window", "none"]
+
+
+def route(req: ScanRequest) -> Route:
+    """How a scan finds its partitions; ``none``: it cannot (the wrapper refuses the query)."""
+    if req.process_ids is not None:
+        return "process"
+    if req.trace_ids is not None:
+        return "trace"
+    if req.window.begin is not None:
+        return "window"  # end open means "until now": still bounded
+    return "none"
+
+
+@dataclass(slots=True)
+class Scope:
+    """The partitions a scan reads and the (possibly narrowed) request it reads them with."""
+
+    req: ScanRequest
+    states: list[PartitionState]
+    processes: int
+    route: Route
+    trace_blocks: int = 0
+
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +91,8 @@ class ScanReport:
     """Everything EXPLAIN shows about one scan."""
 
     processes: int = 0
+    route: str = "process"
+    trace_blocks: int | None = None
     window: str = ""
     partitions: int = 0
     stale: int = 0
@@ -48,7 +107,11 @@ class ScanReport:
     filters: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        found = f"Found by: {self.route}"
+        if self.trace_blocks is not None:
+            found += f" (trace index: {self.trace_blocks} blocks)"
         out = [
+            found,
             f"Processes: {self.processes}  Window: {self.window}",
             f"Partitions: {self.partitions} (stale: {self.stale}, refreshed: {self.refreshed},"
             f" reused: {self.reused})",
@@ -73,10 +136,12 @@ class SpansLake:
         store: ObjectStore,
         *,
         warn: Callable[[str], None] | None = None,
+        limits: ScanLimits | None = None,
     ):
         self.conn = conn
         self.store = store
         self.warn = warn or _log.warning
+        self.limits = limits or ScanLimits()
 
     def existing_processes(self, process_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
         """The ids among ``process_ids`` that are known processes, sorted."""
@@ -88,8 +153,77 @@ class SpansLake:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def _describe(self, req: ScanRequest) -> ScanReport:
-        report = ScanReport(window=str(req.window))
+    # -- scope: which partitions, by which route --------------------------------------------
+
+    def scope(self, req: ScanRequest) -> Scope:
+        """The partitions ``req`` needs (no refresh).  Raises :class:`InvalidQueryError` for a
+        request with no route, or a window scan beyond :attr:`limits`."""
+        r = route(req)
+        if req.is_empty:
+            return Scope(req, [], 0, r)
+        if r == "process":
+            pids = self.existing_processes(sorted(req.process_ids or ()))
+            states = partitions.partition_states(self.conn, pids, req.window)
+            return Scope(req, states, len(pids), r)
+        if r == "trace":
+            return self._trace_scope(req)
+        if r == "window":
+            pids = self._window_processes(req.window)
+            states = partitions.partition_states(self.conn, pids, req.window)
+            return Scope(req, states, len(pids), r)
+        raise InvalidQueryError("otel_spans needs a process_id, trace_id or time condition")
+
+    def _trace_scope(self, req: ScanRequest) -> Scope:
+        blocks = blocks_for_traces(self.conn, sorted(req.trace_ids or ()))
+        if not blocks:
+            return Scope(dataclasses.replace(req, matches_nothing=True), [], 0, "trace")
+        keys = sorted({(b.process_id, partitions.hour_of(b.insert_time)) for b in blocks})
+        # Every span of these traces starts at or after the earliest begin and, unless its
+        # clock ran backwards, no later than the latest end: a narrow window that the
+        # row-group statistics of start_time-sorted files turn into one or two row groups.
+        window = req.window.narrow(
+            begin=min(b.begin_time for b in blocks),
+            end=max(max(b.end_time, b.begin_time) for b in blocks),
+        )
+        narrowed = dataclasses.replace(req, window=window)
+        states = partitions.partition_states_for_keys(self.conn, keys)
+        return Scope(narrowed, states, len({k[0] for k in keys}), "trace", len(blocks))
+
+    def _window_processes(self, window: TimeWindow) -> list[uuid.UUID]:
+        lim = self.limits
+        assert window.begin is not None
+        end = window.end or dt.datetime.now(dt.UTC)
+        if end - window.begin > lim.max_window:
+            raise InvalidQueryError(
+                f"otel_spans: the time window {window} is wider than max_window"
+                f" ({_interval(lim.max_window)}) for a query without process_id or trace_id",
+                hint="Narrow the window (e.g. start_time >= now() - interval '15 minutes'),"
+                " add process_id = '<uuid>' or trace_id = '<hex>', or raise the limit:"
+                " ALTER SERVER otel_spans_server OPTIONS (SET max_window '7 days')"
+                " (ADD the first time).",
+            )
+        pids = partitions.processes_in_window(self.conn, window, lim.max_processes + 1)
+        if len(pids) > lim.max_processes:
+            raise InvalidQueryError(
+                f"otel_spans: more than max_processes ({lim.max_processes}) processes have"
+                f" spans in the window {window}",
+                hint="Narrow the window, add process_id = '<uuid>' (or join with"
+                " otel_processes) or trace_id = '<hex>', or raise the limit:"
+                " ALTER SERVER otel_spans_server OPTIONS (SET max_processes '5000')"
+                " (ADD the first time).",
+            )
+        return pids
+
+    # -- what the wrapper calls -------------------------------------------------------------
+
+    def _describe(self, scope: Scope) -> ScanReport:
+        req = scope.req
+        report = ScanReport(window=str(req.window), route=scope.route)
+        if scope.route == "trace":
+            report.trace_blocks = scope.trace_blocks
+        report.processes = scope.processes
+        report.partitions = len(scope.states)
+        report.stale = sum(not s.fresh for s in scope.states)
         report.filters = [str(p) for p in req.predicates]
         if req.window.begin or req.window.end:
             report.filters.insert(
@@ -102,25 +236,27 @@ class SpansLake:
 
     def plan(self, req: ScanRequest, *, row_groups: bool = False) -> ScanReport:
         """What a scan would do now, without refreshing (EXPLAIN without ANALYZE)."""
-        report = self._describe(req)
-        if req.is_empty or req.process_ids is None:
-            return report
-        pids = self.existing_processes(sorted(req.process_ids))
-        report.processes = len(pids)
-        states = partitions.partition_states(self.conn, pids, req.window)
-        report.partitions = len(states)
-        report.stale = sum(not s.fresh for s in states)
+        scope = self.scope(req)
+        report = self._describe(scope)
         files = partitions.files_for_scan(
-            self.conn, [(s.process_id, s.hour) for s in states], req.window
+            self.conn, [(s.process_id, s.hour) for s in scope.states], scope.req.window
         )
         report.files = len(files)
         report.rows_in_files = sum(f.nb_rows for f in files)
-        if row_groups and files:
+        if scope.route == "trace" and files:
+            sel = footers.select_row_groups(
+                FOOTERS, self.store, [f.path for f in files], scope.req.window
+            )
+            report.row_groups_read, report.row_groups_total = (
+                sel.row_groups_read,
+                sel.row_groups_total,
+            )
+        elif row_groups and files:
             _, st = parquet.open_scan(
                 self.store,
                 [f.path for f in files],
                 ["start_time"],
-                request_expression(req),
+                request_expression(scope.req),
                 count_row_groups=True,
             )
             report.row_groups_read, report.row_groups_total = (
@@ -131,24 +267,20 @@ class SpansLake:
 
     def estimate(self, req: ScanRequest) -> int:
         """Rows a scan may return, from the blocks' span counts (no refresh, no file reads)."""
-        if req.is_empty or req.process_ids is None:
+        if req.is_empty or route(req) == "none":
             return 0
-        pids = sorted(req.process_ids)
-        states = partitions.partition_states(self.conn, pids, req.window)
-        return sum(s.nb_spans for s in states)
+        if route(req) == "trace":
+            blocks = blocks_for_traces(self.conn, sorted(req.trace_ids or ()))
+            return ROWS_PER_TRACE_BLOCK * len(blocks)
+        return sum(s.nb_spans for s in self.scope(req).states)
 
     def scan(
         self, req: ScanRequest, columns: Sequence[str], *, count_row_groups: bool = False
     ) -> tuple[pa.RecordBatchReader, ScanReport]:
         """Refresh what the request needs and open the Arrow reader over its files."""
-        report = self._describe(req)
-        pids: list[uuid.UUID] = []
-        if not req.is_empty and req.process_ids is not None:
-            pids = self.existing_processes(sorted(req.process_ids))
-        report.processes = len(pids)
-        states = partitions.partition_states(self.conn, pids, req.window) if pids else []
-        report.partitions = len(states)
-        report.stale = sum(not s.fresh for s in states)
+        scope = self.scope(req)
+        report = self._describe(scope)
+        states = scope.states
         if report.stale:
             rs = refresh.refresh_partitions(self.conn, self.store, states, warn=self.warn)
             report.refreshed, report.reused = rs.partitions_refreshed, rs.partitions_reused
@@ -156,15 +288,27 @@ class SpansLake:
         else:
             report.reused = len(states)
         files = partitions.files_for_scan(
-            self.conn, [(s.process_id, s.hour) for s in states], req.window
+            self.conn, [(s.process_id, s.hour) for s in states], scope.req.window
         )
         report.files = len(files)
         report.rows_in_files = sum(f.nb_rows for f in files)
+        if scope.route == "trace":
+            # A few row groups of a few files: select them from cached footers (the cost of
+            # pyarrow's own per-scan footer parsing and pruning grows with the files).
+            sel = footers.select_row_groups(
+                FOOTERS, self.store, [f.path for f in files], scope.req.window
+            )
+            report.row_groups_read, report.row_groups_total = (
+                sel.row_groups_read,
+                sel.row_groups_total,
+            )
+            expr = request_expression(scope.req)
+            return footers.open_selected(self.store, sel, list(columns), expr), report
         reader, st = parquet.open_scan(
             self.store,
             [f.path for f in files],
             list(columns),
-            request_expression(req),
+            request_expression(scope.req),
             count_row_groups=count_row_groups,
         )
         if count_row_groups:
@@ -173,3 +317,12 @@ class SpansLake:
                 st.row_groups_total,
             )
         return reader, report
+
+
+def _interval(td: dt.timedelta) -> str:
+    """A timedelta as PostgreSQL would print the interval (``1 day``, ``02:00:00``)."""
+    days, secs = td.days, int(td.total_seconds()) - td.days * 86400
+    parts = [f"{days} day{'s' if days != 1 else ''}"] if days else []
+    if secs or not parts:
+        parts.append(f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}")
+    return " ".join(parts)
