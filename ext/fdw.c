@@ -232,8 +232,8 @@ pyhostGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 					   &info->attrs_used);
 
 	instance = pyhost_get_instance(foreigntableid, NULL);
-	quals = pyhost_plan_quals_to_python(pyhost_extract_quals(root, baserel,
-															 baserel->baserestrictinfo),
+	quals = pyhost_plan_quals_to_python(root, pyhost_extract_quals(root, baserel,
+																   baserel->baserestrictinfo),
 										tupdesc);
 	columns = column_name_list(info->attrs_used, tupdesc);
 	pyhost_enter();
@@ -982,7 +982,7 @@ pyhostExplainForeignScan(ForeignScanState *node, ExplainState *es)
 		names = lappend(names, NameStr(TupleDescAttr(tupdesc, i)->attname));
 	}
 
-	py_quals = pyhost_plan_quals_to_python(quals, tupdesc);
+	py_quals = pyhost_plan_quals_to_python(NULL, quals, tupdesc);
 	py_columns = PyList_New(0);
 	foreach(lc, names)
 	{

@@ -157,8 +157,12 @@ extern QualDesc *pyhost_qual_from_private(List *private, List *fdw_exprs);
 extern PyObject *pyhost_quals_to_python(List *quals, TupleDesc tupdesc,
 										Datum *values, bool *nulls, bool *skip);
 
-/* Quals whose value is known while planning (Consts), as Python objects. */
-extern PyObject *pyhost_plan_quals_to_python(List *quals, TupleDesc tupdesc);
+/*
+ * Quals whose value is known while planning, as Python objects: constants,
+ * and with `root` also what estimate_expression_value folds (stable
+ * functions such as now(), bound parameters).
+ */
+extern PyObject *pyhost_plan_quals_to_python(PlannerInfo *root, List *quals, TupleDesc tupdesc);
 
 /* ---------------------------------------------------------------------
  * arrow.c

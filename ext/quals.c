@@ -269,7 +269,7 @@ pyhost_quals_to_python(List *quals, TupleDesc tupdesc, Datum *values, bool *null
 }
 
 PyObject *
-pyhost_plan_quals_to_python(List *quals, TupleDesc tupdesc)
+pyhost_plan_quals_to_python(PlannerInfo *root, List *quals, TupleDesc tupdesc)
 {
 	int			n = list_length(quals);
 	Datum	   *values = palloc0(sizeof(Datum) * (n + 1));
@@ -285,6 +285,14 @@ pyhost_plan_quals_to_python(List *quals, TupleDesc tupdesc)
 
 		if (q->valkind != QUAL_VALUE_EXPR)
 			continue;
+
+		/*
+		 * While planning, fold what can be known now (now() - interval '1h',
+		 * bound parameters of a custom plan) so that estimates see the value;
+		 * execution evaluates the real expression again.
+		 */
+		if (root != NULL && expr && !IsA(expr, Const))
+			expr = strip_relabel(estimate_expression_value(root, expr));
 		if (expr && IsA(expr, Const))
 		{
 			values[i] = ((Const *) expr)->constvalue;

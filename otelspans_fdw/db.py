@@ -142,6 +142,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         COMMENT ON TABLE otel_settings IS
             'settings shared by the receiver and the wrapper (store_url: where blocks live)';
+        -- time-window scans without process_id look for blocks overlapping the window
+        CREATE INDEX otel_blocks_window_idx ON otel_blocks ((greatest(end_time, begin_time)));
         """,
     ),
 ]

@@ -131,7 +131,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
 
     @property
     def store_url(self) -> str:
-        return self.options.get("store") or backend.default_store_url()
+        return self.options.get("store") or backend.default_store_url(_connection(self.dsn))
 
     def _lake(self) -> SpansLake:
         conn = _connection(self.dsn)

@@ -448,3 +448,15 @@ def test_otelspans_call_runs_python_with_json_in_and_out(db: Session, fresh_dsn:
     with psycopg.connect(fresh_dsn.replace("user=postgres", f"user={role}")) as c:
         with pytest.raises(errors.InsufficientPrivilege):
             c.execute("SELECT otelspans_call('os.getpid')")
+
+
+def test_estimates_see_stable_expressions_and_bound_parameters(db: Session) -> None:
+    db.conn.execute(
+        "CREATE SERVER probe FOREIGN DATA WRAPPER otelspans_fdw "
+        "OPTIONS (wrapper 'host_wrappers.SizeProbe')"
+    )
+    db.conn.execute(f"CREATE FOREIGN TABLE probe ({ECHO_COLUMNS}) SERVER probe")
+    assert "rows=1007 " in db.plan("SELECT * FROM probe WHERE ts > now() - interval '1 hour'")
+    assert "rows=7 " in db.plan("SELECT * FROM probe WHERE ts > clock_timestamp()")
+    db.conn.execute("PREPARE q(int8) AS SELECT * FROM probe WHERE id = $1")
+    assert "rows=1007 " in db.plan("EXECUTE q(5)")  # custom plan: the parameter is known

@@ -279,3 +279,16 @@ def test_window_selects_partitions(env: Env) -> None:
     assert got == overlapping(env.ing.expected([pid]), T0, T0 + dt.timedelta(seconds=5))
     assert env.lake.plan(req([pid])).stale == 1
     assert TimeWindow() == req([pid]).window
+
+
+def test_lock_key_is_the_same_instant_in_any_time_zone() -> None:
+    import datetime as _dt
+    import uuid as _uuid
+
+    from otelspans_fdw.lake.partitions import lock_key
+
+    pid = _uuid.uuid4()
+    utc = _dt.datetime(2024, 5, 1, 13, tzinfo=_dt.UTC)
+    paris = utc.astimezone(_dt.timezone(_dt.timedelta(hours=2)))
+    assert lock_key(pid, utc) == lock_key(pid, paris)
+    assert lock_key(pid, utc) != lock_key(pid, utc + _dt.timedelta(hours=1))

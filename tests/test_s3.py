@@ -29,7 +29,8 @@ from otelspans_fdw.exceptions import ConfigurationError
 from otelspans_fdw.lake.publish import NAMESPACE, catalog_for
 from otelspans_fdw.objstore import S3Store, store_from_options
 
-BUCKET = "lake"
+# moto keeps buckets per process: a bucket of our own, whatever other tests put in theirs.
+BUCKET = f"lake-{uuid.uuid4().hex[:12]}"
 KEY_ID = "AKIDOTELSPANSTEST"
 
 
@@ -70,7 +71,11 @@ def test_store_from_options_reads_mapping_options_and_requires_keys(
 ) -> None:
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
-    base = {"store": "s3://lake/unit", "aws_endpoint_url": s3_endpoint, "aws_region": "us-east-1"}
+    base = {
+        "store": f"s3://{BUCKET}/unit",
+        "aws_endpoint_url": s3_endpoint,
+        "aws_region": "us-east-1",
+    }
     with pytest.raises(ConfigurationError) as e:
         store_from_options(base)
     assert "no S3 credentials" in str(e.value) and "CREATE USER MAPPING" in (e.value.hint or "")
@@ -78,7 +83,7 @@ def test_store_from_options_reads_mapping_options_and_requires_keys(
         store_from_options({**base, "aws_credentials": "sometimes"})
     opts = {**base, "aws_access_key_id": KEY_ID, "aws_secret_access_key": "s1"}
     store = store_from_options(opts)
-    assert isinstance(store, S3Store) and store.url == "s3://lake/unit"
+    assert isinstance(store, S3Store) and store.url == f"s3://{BUCKET}/unit"
     assert store.put_if_absent("blobs/x", b"payload") and store.get("blobs/x") == b"payload"
     assert store_from_options(dict(opts)) is store  # cached per configuration
     assert store_from_options({**opts, "aws_secret_access_key": "s2"}) is not store
@@ -228,7 +233,9 @@ def test_s3_ingest_query_publish_with_secrets_in_user_mappings(
             with pytest.raises(psycopg.Error) as e:
                 c.execute(SERVICE_COUNTS_SQL)
             diag = e.value.diag
-            assert "no S3 credentials for object store s3://lake/otel" in str(diag.message_primary)
+            assert f"no S3 credentials for object store s3://{BUCKET}/otel" in str(
+                diag.message_primary
+            )
             assert "CREATE USER MAPPING FOR <role> SERVER otel_spans_server" in str(
                 diag.message_hint
             )

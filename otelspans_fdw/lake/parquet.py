@@ -46,6 +46,7 @@ DICTIONARY_COLUMNS = [
     "block_id",
     "insert_time",
     "exe",
+    "service_name",
     "username",
     "computer",
     "process_properties",
@@ -132,6 +133,7 @@ def read_table(store: ObjectStore, path: str) -> pa.Table:
 #: ``process_properties`` per batch instead of per row).
 READ_DICTIONARY_COLUMNS = [
     "exe",
+    "service_name",
     "username",
     "computer",
     "process_properties",

@@ -143,8 +143,13 @@ _CHECKSUM_SQL = "sum(('x' || left(b.block_id::text, 8))::bit(32)::int::bigint)"
 
 
 def lock_key(process_id: uuid.UUID, hour: dt.datetime) -> int:
-    """The advisory lock key serialising refreshes of one partition."""
-    h = hashlib.blake2b(process_id.bytes + hour.isoformat().encode(), digest_size=8).digest()
+    """The advisory lock key serialising refreshes of one partition.
+
+    The hour is normalised to UTC first: the same instant read under another session time
+    zone must give the same key, or retention and a refresh would not exclude each other.
+    """
+    utc = hour.astimezone(dt.UTC).isoformat()
+    h = hashlib.blake2b(process_id.bytes + utc.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big", signed=True)
 
 

@@ -88,13 +88,8 @@ class RetentionStats:
 
 
 def _lock_partitions(conn: psycopg.Connection, keys: set[tuple[uuid.UUID, dt.datetime]]) -> None:
-    """Take the refresh locks of ``keys`` in one global order (two runs never deadlock).
-
-    The key is hashed from the hour's ISO text, which carries the session's UTC offset: lock
-    both the UTC form and this session's form so a refresh in either time zone is excluded.
-    """
-    ids = {lock_key(p, h.astimezone(dt.UTC)) for p, h in keys} | {lock_key(p, h) for p, h in keys}
-    for k in sorted(ids):
+    """Take the refresh locks of ``keys`` in one global order (two runs never deadlock)."""
+    for k in sorted({lock_key(p, h) for p, h in keys}):
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (k,))
 
 
