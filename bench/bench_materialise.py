@@ -27,7 +27,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -40,16 +39,14 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_spans import ingest
+from bench_spans import bench_database, ingest
 
-from otelspans_fdw import db
 from otelspans_fdw.devcluster import LocalCluster
 from otelspans_fdw.lake import parquet, partitions, refresh
 from otelspans_fdw.lake.decode import BlockInfo, decode_blocks
 from otelspans_fdw.objstore import LocalStore
 from otelspans_fdw.quals import TimeWindow
 from otelspans_fdw.schema import SORT_COLUMN
-from otelspans_fdw.sqlgen import otel_spans_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 LAKE_TABLES = ("otel_partition_files", "otel_partitions", "otel_retired_files", "otel_block_errors")
@@ -190,25 +187,10 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, help="directory holding a baseline otelspans_fdw")
     args = ap.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="otelspans-bench-mat-"))
-    base.chmod(0o755)
-    cluster = LocalCluster(base / "pg")
-    cluster.init([ROOT / "otelspans_fdw"])
-    cluster.start()
-    store_dir = base / "store"
-    store_dir.mkdir()
-    store_dir.chmod(0o777)
-    store = LocalStore(store_dir, durable=False)
+    cluster, store, dsn, conn = bench_database("otelspans-bench-mat-")
+    store_dir = Path(store.root)
+    base = store_dir.parent
     try:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as c:
-            c.execute("CREATE DATABASE bench")
-        dsn = cluster.dsn("bench")
-        conn = psycopg.connect(dsn, autocommit=True)
-        conn.execute("CREATE EXTENSION otelspans")
-        if conn.execute("SELECT to_regclass('otel_spans')").fetchone()[0] is None:
-            conn.execute(otel_spans_sql())
-        conn.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store_dir}')")
-        db.migrate(conn)
         partitions.ensure_schema(conn)
         payloads = ingest(
             dsn,

@@ -35,7 +35,6 @@ from otelspans_fdw.ingest.metadata import write_blocks
 from otelspans_fdw.lake.decode import BlockInfo, decode_block
 from otelspans_fdw.objstore import LocalStore
 from otelspans_fdw.schema import COLUMNS
-from otelspans_fdw.sqlgen import otel_spans_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_NS = 1_750_000_000 * 10**9
@@ -75,6 +74,30 @@ def best(conn: psycopg.Connection, sql: str, runs: int) -> float:
     return min(times)
 
 
+def bench_database(prefix: str) -> tuple[LocalCluster, LocalStore, str, psycopg.Connection]:
+    """A throwaway cluster with the extension, a database ``bench`` and a local store.
+
+    The caller destroys the cluster; the store lives next to it in the same temporary
+    directory (world-writable: the backend writes partitions there).
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    cluster = LocalCluster(base / "pg")
+    cluster.init([ROOT / "otelspans_fdw"])
+    cluster.start()
+    store_dir = base / "store"
+    store_dir.mkdir()
+    store_dir.chmod(0o777)
+    with psycopg.connect(cluster.dsn(), autocommit=True) as c:
+        c.execute("CREATE DATABASE bench")
+    dsn = cluster.dsn("bench")
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("CREATE EXTENSION otelspans")
+    conn.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store_dir}')")
+    db.migrate(conn)
+    return cluster, LocalStore(store_dir, durable=False), dsn, conn
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--processes", type=int, default=8)
@@ -83,26 +106,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="otelspans-bench-spans-"))
-    base.chmod(0o755)
-    cluster = LocalCluster(base / "pg")
-    cluster.init([ROOT / "otelspans_fdw"])
-    cluster.start()
-    store_dir = base / "store"
-    store_dir.mkdir()
-    store_dir.chmod(0o777)
-    store = LocalStore(store_dir, durable=False)
+    cluster, store, dsn, conn = bench_database("otelspans-bench-spans-")
     try:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as c:
-            c.execute("CREATE DATABASE bench")
-        dsn = cluster.dsn("bench")
-        conn = psycopg.connect(dsn, autocommit=True)
-        conn.execute("CREATE EXTENSION otelspans")
-        if conn.execute("SELECT to_regclass('otel_spans')").fetchone()[0] is None:
-            conn.execute(otel_spans_sql())
-        conn.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store_dir}')")
-        db.migrate(conn)
-
         t = time.perf_counter()
         payloads = ingest(
             dsn,
