@@ -12,8 +12,9 @@ Options (server, then table; the table wins):
     over the local Unix socket as the current user (see :mod:`otelspans_fdw.backend`).
 ``store``
     object store URL or directory with the blocks and partition files.  Default:
-    ``OTELSPANS_STORE`` in the server's environment, else ``$PGDATA/otelspans_store``.  It
-    must be the receiver's ``--store``.
+    ``OTELSPANS_STORE`` in the server's environment, else the store the receiver recorded in
+    ``otel_settings``, else ``$PGDATA/otelspans_store``.  S3 credentials come from the
+    options too (put them in a user mapping; see :func:`otelspans_fdw.objstore.store_from_options`).
 ``rows_per_process``
     planner estimate of rows one process yields when nothing better is known (default 100000).
 ``rows_per_trace``
