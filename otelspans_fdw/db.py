@@ -52,6 +52,7 @@ __all__ = [
     "MIGRATIONS",
     "MIGRATION_LOCK_KEY",
     "SCHEMA_VERSION",
+    "apply_migrations",
     "connect",
     "current_version",
     "default_dsn",
@@ -183,29 +184,43 @@ def current_version(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(conn: psycopg.Connection) -> int:
-    """Bring the metadata schema up to :data:`SCHEMA_VERSION`; return the number applied.
+def apply_migrations(
+    conn: psycopg.Connection,
+    migrations: list[tuple[int, str]],
+    *,
+    version_table: str,
+    lock_key: int,
+) -> int:
+    """Apply the missing ``migrations``, recorded in ``version_table``; return how many.
 
     Idempotent, and safe when several processes call it at once: everything runs in one
     transaction that first takes a transaction-scoped advisory lock, so the second caller waits
-    and then finds the versions already recorded.
+    and then finds the versions already recorded.  Each component (metadata here, the lake's
+    partition index) keeps its own list and table, so one can move without the other.
     """
     applied = 0
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
         conn.execute(
-            "CREATE TABLE IF NOT EXISTS otel_schema_version ("
+            f"CREATE TABLE IF NOT EXISTS {version_table} ("
             " version integer PRIMARY KEY,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        have = {r[0] for r in conn.execute("SELECT version FROM otel_schema_version")}
-        for version, sql in MIGRATIONS:
+        have = {r[0] for r in conn.execute(f"SELECT version FROM {version_table}")}
+        for version, sql in migrations:
             if version in have:
                 continue
             conn.execute(sql)
-            conn.execute("INSERT INTO otel_schema_version (version) VALUES (%s)", (version,))
+            conn.execute(f"INSERT INTO {version_table} (version) VALUES (%s)", (version,))
             applied += 1
     return applied
+
+
+def migrate(conn: psycopg.Connection) -> int:
+    """Bring the metadata schema up to :data:`SCHEMA_VERSION`; return the number applied."""
+    return apply_migrations(
+        conn, MIGRATIONS, version_table="otel_schema_version", lock_key=MIGRATION_LOCK_KEY
+    )
 
 
 def record_setting(conn: psycopg.Connection, name: str, value: str) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 
+from otelspans_fdw import db
 from otelspans_fdw.quals import TimeWindow
 from otelspans_fdw.schema import SCHEMA_VERSION
 
@@ -108,25 +109,11 @@ LAKE_MIGRATIONS: list[tuple[int, str]] = [
 def ensure_schema(conn: psycopg.Connection) -> int:
     """Create or upgrade the lake tables; return the number of migrations applied.
 
-    Safe to call from every backend at once: the work runs in one transaction behind an
-    advisory lock, and a second caller finds the versions recorded.
+    Safe to call from every backend at once (see :func:`otelspans_fdw.db.apply_migrations`).
     """
-    applied = 0
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS otel_lake_schema_version ("
-            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        have = {r[0] for r in conn.execute("SELECT version FROM otel_lake_schema_version")}
-        for version, sql in LAKE_MIGRATIONS:
-            if version not in have:
-                conn.execute(sql)
-                conn.execute(
-                    "INSERT INTO otel_lake_schema_version (version) VALUES (%s)", (version,)
-                )
-                applied += 1
-    return applied
+    return db.apply_migrations(
+        conn, LAKE_MIGRATIONS, version_table="otel_lake_schema_version", lock_key=_LOCK_KEY
+    )
 
 
 def block_checksum(block_ids: Iterable[uuid.UUID]) -> int:
