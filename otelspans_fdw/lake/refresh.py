@@ -120,6 +120,7 @@ def _decode_blocks(
     blocks: Sequence[BlockRow],
     stats: RefreshStats,
     warn: Warn,
+    processes: dict[uuid.UUID, _Process] | None = None,
 ) -> tuple[list[pa.Table], set[uuid.UUID]]:
     """Decoded tables of ``blocks`` and the ids now covered (decoded or undecodable).
 
@@ -127,7 +128,11 @@ def _decode_blocks(
     whose fixed costs would dominate small blocks decoded one by one); payloads are read
     lazily, so at most one batch of them is in memory.
     """
-    proc = _process(conn, process_id)
+    proc = processes.get(process_id) if processes is not None else None
+    if proc is None:
+        proc = _process(conn, process_id)
+        if processes is not None:
+            processes[process_id] = proc
     fetched: list[BlockRow] = []  # blocks handed to the decoder, in order
 
     def payloads() -> Iterator[tuple[bytes, BlockInfo]]:
@@ -177,8 +182,13 @@ def refresh_partition(
     *,
     stats: RefreshStats | None = None,
     warn: Warn | None = None,
+    processes: dict[uuid.UUID, _Process] | None = None,
 ) -> bool:
-    """Bring one partition up to date; True if this call changed it (False: reused)."""
+    """Bring one partition up to date; True if this call changed it (False: reused).
+
+    ``processes`` memoises process rows across the partitions of one refresh (they never
+    change: the first write wins), saving a query per partition.
+    """
     stats = stats if stats is not None else RefreshStats()
     warn = warn or _log.warning
     with conn.transaction():
@@ -200,7 +210,9 @@ def refresh_partition(
         )
         covered_before = set() if full else set(stored.block_ids)  # type: ignore[union-attr]
         missing = [b for b in blocks if b.block_id not in covered_before]
-        tables, covered_now = _decode_blocks(conn, store, process_id, missing, stats, warn)
+        tables, covered_now = _decode_blocks(
+            conn, store, process_id, missing, stats, warn, processes
+        )
         covered = covered_before | covered_now
         old_files = [] if stored is None else _partition_files(conn, process_id, hour)
         new_rows = pa.concat_tables(tables) if tables else arrow_schema().empty_table()
@@ -225,7 +237,7 @@ def refresh_partition(
         )
         if written is not None:
             stats.rows_written += written.nb_rows
-        _commit(conn, process_id, hour, blocks, covered, written, replaced)
+        _commit(conn, process_id, hour, blocks, covered, written, replaced, only_file=not keep)
         stats.partitions_refreshed += 1
         if full and stored is not None:
             stats.partitions_rebuilt += 1
@@ -252,19 +264,33 @@ def _commit(
     covered: set[uuid.UUID],
     written: parquet.WrittenFile | None,
     replaced: Sequence[str],
+    *,
+    only_file: bool = False,
 ) -> None:
-    """Index updates of one refresh (the caller's transaction makes them atomic)."""
+    """Index updates of one refresh (the caller's transaction makes them atomic).
+
+    With ``only_file`` (a full rebuild, the cold case) the partition's row count and time
+    range are those of the new file and go in with the partition row; otherwise they are
+    summed over its files afterwards.
+    """
     ids = sorted(covered)
     nb_spans = sum(b.nb_spans for b in blocks if b.block_id in covered)
+    totals = (
+        (written.nb_rows, written.min_time, written.max_time)
+        if written is not None
+        else (0, None, None)
+    )
     conn.execute(
         "INSERT INTO otel_partitions (process_id, hour, schema_version, block_ids, nb_blocks,"
-        " block_checksum, nb_spans, nb_rows)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, 0)"
+        " block_checksum, nb_spans, nb_rows, min_time, max_time)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (process_id, hour) DO UPDATE SET schema_version = excluded.schema_version,"
         " block_ids = excluded.block_ids, nb_blocks = excluded.nb_blocks,"
         " block_checksum = excluded.block_checksum, nb_spans = excluded.nb_spans,"
+        " nb_rows = excluded.nb_rows, min_time = excluded.min_time,"
+        " max_time = excluded.max_time,"
         " generation = otel_partitions.generation + 1, updated_at = clock_timestamp()",
-        (process_id, hour, SCHEMA_VERSION, ids, len(ids), block_checksum(ids), nb_spans),
+        (process_id, hour, SCHEMA_VERSION, ids, len(ids), block_checksum(ids), nb_spans, *totals),
     )
     if replaced:
         conn.execute("DELETE FROM otel_partition_files WHERE path = ANY(%s)", (list(replaced),))
@@ -288,6 +314,8 @@ def _commit(
                 written.max_time,
             ),
         )
+    if only_file:
+        return
     conn.execute(
         "UPDATE otel_partitions p SET nb_rows = f.n, min_time = f.lo, max_time = f.hi"
         " FROM (SELECT coalesce(sum(nb_rows), 0) AS n, min(min_time) AS lo, max(max_time) AS hi"
@@ -306,12 +334,15 @@ def refresh_partitions(
 ) -> RefreshStats:
     """Refresh the stale ones among ``states``; fresh ones are counted as reused."""
     stats = RefreshStats()
+    processes: dict[uuid.UUID, _Process] = {}
     t0 = time.perf_counter()
     for st in states:
         if st.fresh:
             stats.partitions_reused += 1
         else:
-            refresh_partition(conn, store, st.process_id, st.hour, stats=stats, warn=warn)
+            refresh_partition(
+                conn, store, st.process_id, st.hour, stats=stats, warn=warn, processes=processes
+            )
     stats.seconds = time.perf_counter() - t0
     return stats
 
