@@ -47,6 +47,8 @@ extern char *pyhost_python_path;
 typedef struct PyhostRelInfo
 {
 	Oid			foreigntableid;
+	PyObject   *instance;		/* the wrapper, borrowed from the instance cache */
+	TupleDesc	tupdesc;		/* the table's columns */
 	Bitmapset  *attrs_used;		/* columns the query needs, attnum-offset */
 	double		rows;
 	int			width;
@@ -224,6 +226,7 @@ pyhostGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 	ListCell   *lc;
 
 	info->foreigntableid = foreigntableid;
+	info->tupdesc = tupdesc;
 	baserel->fdw_private = info;
 
 	pull_varattnos((Node *) baserel->reltarget->exprs, baserel->relid, &info->attrs_used);
@@ -231,7 +234,7 @@ pyhostGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 		pull_varattnos((Node *) lfirst_node(RestrictInfo, lc)->clause, baserel->relid,
 					   &info->attrs_used);
 
-	instance = pyhost_get_instance(foreigntableid, NULL);
+	instance = info->instance = pyhost_get_instance(foreigntableid, NULL);
 	quals = pyhost_plan_quals_to_python(root, pyhost_extract_quals(root, baserel,
 																   baserel->baserestrictinfo),
 										tupdesc);
@@ -491,8 +494,8 @@ static void
 pyhostGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid)
 {
 	PyhostRelInfo *info = baserel->fdw_private;
-	TupleDesc	tupdesc = table_tupdesc(foreigntableid);
-	PyObject   *instance = pyhost_get_instance(foreigntableid, NULL);
+	TupleDesc	tupdesc = info->tupdesc;
+	PyObject   *instance = info->instance;
 	Cost		startup_cost = 100.0;	/* a Python call */
 	double		per_row = cpu_tuple_cost * 2 + info->width * 0.0001;
 	List	   *sortkeys;
@@ -536,7 +539,7 @@ pyhostGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
  * functions, set operations or OFFSET, and any ORDER BY enforced by this path.
  */
 static int
-pushable_limit(PlannerInfo *root, RelOptInfo *baserel, ForeignPath *best_path, Oid foreigntableid)
+pushable_limit(PlannerInfo *root, RelOptInfo *baserel, ForeignPath *best_path)
 {
 	Query	   *parse = root->parse;
 	Node	   *count = parse->limitCount;
@@ -563,7 +566,8 @@ pushable_limit(PlannerInfo *root, RelOptInfo *baserel, ForeignPath *best_path, O
 		return -1;
 
 	pyhost_enter();
-	res = PyObject_CallMethod(pyhost_get_instance(foreigntableid, NULL), "can_limit", "LO",
+	res = PyObject_CallMethod(((PyhostRelInfo *) baserel->fdw_private)->instance, "can_limit",
+							  "LO",
 							  (long long) limit, Py_None);
 	pyhost_leave();
 	pyhost_check(res, "can_limit");
@@ -585,7 +589,7 @@ pyhostGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 	List	   *qual_texts = NIL;
 	List	   *context;
 	Bitmapset  *attrs_used = bms_copy(info->attrs_used);
-	TupleDesc	tupdesc = table_tupdesc(foreigntableid);
+	TupleDesc	tupdesc = info->tupdesc;
 	ListCell   *lc;
 
 	/* Parameterized paths move join clauses here; their columns are needed too. */
@@ -625,8 +629,7 @@ pyhostGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 
 	return make_foreignscan(tlist, scan_clauses, baserel->relid, fdw_exprs,
 							list_make5(private_quals, columns, best_path->fdw_private,
-									   makeInteger(pushable_limit(root, baserel, best_path,
-																  foreigntableid)),
+									   makeInteger(pushable_limit(root, baserel, best_path)),
 									   qual_texts),
 							NIL, NIL, outer_plan);
 }

@@ -114,6 +114,9 @@ def default_dsn() -> str:
     return info.dsn if info else ""
 
 
+_recorded_stores: dict[str, str] = {}
+
+
 def default_store_url(conn: psycopg.Connection | None = None) -> str:
     """``OTELSPANS_STORE``, else the store the receiver recorded in the metadata database
     (``otel_settings``), else ``<data directory>/otelspans_store`` inside a backend."""
@@ -123,7 +126,13 @@ def default_store_url(conn: psycopg.Connection | None = None) -> str:
     if conn is not None:
         from otelspans_fdw import db
 
-        recorded = db.setting(conn, db.STORE_URL_SETTING)
+        # Read once per database and backend: the first receiver's store is never replaced,
+        # and this runs on every scan.
+        recorded = _recorded_stores.get(conn.info.dsn)
+        if recorded is None:
+            recorded = db.setting(conn, db.STORE_URL_SETTING)
+            if recorded:
+                _recorded_stores[conn.info.dsn] = recorded
         if recorded:
             return recorded
     datadir = Path(os.getcwd())

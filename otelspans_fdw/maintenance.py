@@ -62,8 +62,8 @@ def server_options(conn: psycopg.Connection, server: str = DEFAULT_SERVER) -> di
 
 
 def _local_dsn() -> str:
-    hosted = backend._from_host()
-    return hosted.dsn if hosted is not None else backend.default_dsn()
+    info = backend.backend_info()
+    return info.dsn if info is not None else backend.default_dsn()
 
 
 def _configure(server: str) -> tuple[psycopg.Connection, str, ObjectStore]:

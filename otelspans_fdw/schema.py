@@ -34,6 +34,7 @@ __all__ = [
     "COLUMNS",
     "COLUMN_NAMES",
     "JSON_COLUMNS",
+    "LOW_CARDINALITY_COLUMNS",
     "SCHEMA_VERSION",
     "SORT_COLUMN",
     "TABLE_NAME",
@@ -95,6 +96,16 @@ COLUMNS: tuple[Column, ...] = (
 
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 JSON_COLUMNS: frozenset[str] = frozenset(c.name for c in COLUMNS if c.sql_type == "jsonb")
+#: Few distinct values per file: Parquet gets a dictionary page for them, and the text ones
+#: reach the host dictionary-encoded, so it converts each distinct value once per batch.
+LOW_CARDINALITY_COLUMNS: frozenset[str] = frozenset(
+    {
+        "process_id", "stream_id", "block_id", "insert_time", "exe", "service_name",
+        "username", "computer", "process_properties", "name", "kind", "status",
+        "status_message",
+    }
+)  # fmt: skip
+assert LOW_CARDINALITY_COLUMNS <= set(COLUMN_NAMES), "unknown column in LOW_CARDINALITY_COLUMNS"
 
 #: Files are sorted on this column, so row-group statistics prune time windows.
 SORT_COLUMN = "start_time"

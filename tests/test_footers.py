@@ -60,7 +60,7 @@ def test_every_column_matches_a_full_read(tmp_path: Path) -> None:
     path, rows = _file(store, 3)
     w = TimeWindow(ns_to_dt(T0_NS + 12 * 10**9), ns_to_dt(T0_NS + 12 * 10**9 + 10**6))
     sel = footers.select_row_groups(footers.FooterCache(), store, [path], w)
-    cols = [f.name for f in parquet._READ_SCHEMA]
+    cols = [f.name for f in parquet.READ_SCHEMA]
     table = footers.open_selected(store, sel, cols, window_expression(w)).read_all()
     got = arrow_rows(table.cast(parquet.arrow_schema()))
     want = [r for r in rows if r["start_time"] <= w.end and r["end_time"] >= w.begin]

@@ -75,7 +75,7 @@ class FooterCache:
         if f is not None:
             self._items.move_to_end(key)
             return f
-        frag = parquet._READ_FORMAT.make_fragment(key, filesystem=store.filesystem)
+        frag = parquet.READ_FORMAT.make_fragment(key, filesystem=store.filesystem)
         frag.ensure_complete_metadata()
         md = frag.metadata
         names = md.schema.names
@@ -134,12 +134,12 @@ def open_selected(
 ) -> pa.RecordBatchReader:
     """A reader over the selected row groups, with projection and the filter pushed down."""
     if not sel.fragments:
-        empty = pa.schema([parquet._READ_SCHEMA.field(c) for c in columns])
+        empty = pa.schema([parquet.READ_SCHEMA.field(c) for c in columns])
         return pa.RecordBatchReader.from_batches(empty, [])
     dataset = ds.FileSystemDataset(
         sel.fragments,
-        schema=parquet._READ_SCHEMA,
-        format=parquet._READ_FORMAT,
+        schema=parquet.READ_SCHEMA,
+        format=parquet.READ_FORMAT,
         filesystem=store.filesystem,
     )
     scanner = dataset.scanner(

@@ -24,7 +24,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from otelspans_fdw.objstore import ObjectStore
-from otelspans_fdw.schema import COLUMNS, SORT_COLUMN, TABLE_NAME, arrow_schema
+from otelspans_fdw.schema import (
+    COLUMNS,
+    LOW_CARDINALITY_COLUMNS,
+    SORT_COLUMN,
+    TABLE_NAME,
+    arrow_schema,
+)
 
 __all__ = [
     "ROW_GROUP_ROWS",
@@ -40,21 +46,7 @@ __all__ = [
 
 ROW_GROUP_ROWS = 8192
 #: Low-cardinality columns worth a dictionary page; trying one on ids and JSON is wasted work.
-DICTIONARY_COLUMNS = [
-    "process_id",
-    "stream_id",
-    "block_id",
-    "insert_time",
-    "exe",
-    "service_name",
-    "username",
-    "computer",
-    "process_properties",
-    "name",
-    "kind",
-    "status",
-    "status_message",
-]
+DICTIONARY_COLUMNS = [c.name for c in COLUMNS if c.name in LOW_CARDINALITY_COLUMNS]
 
 #: Columns with min/max statistics: every column a scan may filter on.  The JSON columns are
 #: left out: no filter reads them, and comparing long strings was ~7% of the write time.
@@ -132,17 +124,9 @@ def read_table(store: ObjectStore, path: str) -> pa.Table:
 #: pages: the host converts each distinct value once per batch (one jsonb parse of
 #: ``process_properties`` per batch instead of per row).
 READ_DICTIONARY_COLUMNS = [
-    "exe",
-    "service_name",
-    "username",
-    "computer",
-    "process_properties",
-    "name",
-    "kind",
-    "status",
-    "status_message",
+    c.name for c in COLUMNS if c.name in LOW_CARDINALITY_COLUMNS and c.arrow_type == pa.utf8()
 ]
-_READ_SCHEMA = pa.schema(
+READ_SCHEMA = pa.schema(
     [
         pa.field(f.name, pa.dictionary(pa.int32(), f.type), f.nullable)
         if f.name in READ_DICTIONARY_COLUMNS
@@ -150,7 +134,7 @@ _READ_SCHEMA = pa.schema(
         for f in arrow_schema()
     ]
 )
-_READ_FORMAT = ds.ParquetFileFormat(
+READ_FORMAT = ds.ParquetFileFormat(
     read_options=ds.ParquetReadOptions(dictionary_columns=READ_DICTIONARY_COLUMNS)
 )
 
@@ -180,11 +164,11 @@ def open_scan(
     """
     stats = ScanStats(files=len(paths), columns=list(columns))
     if not paths:
-        empty = pa.schema([_READ_SCHEMA.field(c) for c in columns])
+        empty = pa.schema([READ_SCHEMA.field(c) for c in columns])
         return pa.RecordBatchReader.from_batches(empty, []), stats
     fs_paths = [store.fs_path(p) for p in paths]
     dataset = ds.dataset(
-        fs_paths, schema=_READ_SCHEMA, format=_READ_FORMAT, filesystem=store.filesystem
+        fs_paths, schema=READ_SCHEMA, format=READ_FORMAT, filesystem=store.filesystem
     )
     if count_row_groups:
         for frag in dataset.get_fragments():
