@@ -234,23 +234,36 @@ class SpansLake:
             )
         return report
 
-    def plan(self, req: ScanRequest, *, row_groups: bool = False) -> ScanReport:
-        """What a scan would do now, without refreshing (EXPLAIN without ANALYZE)."""
-        scope = self.scope(req)
-        report = self._describe(scope)
+    def _files(self, scope: Scope, report: ScanReport) -> list[partitions.FileEntry]:
+        """The index's files for ``scope`` (after any refresh), counted in ``report``."""
         files = partitions.files_for_scan(
             self.conn, [(s.process_id, s.hour) for s in scope.states], scope.req.window
         )
         report.files = len(files)
         report.rows_in_files = sum(f.nb_rows for f in files)
+        return files
+
+    def _select_row_groups(
+        self, scope: Scope, files: Sequence[partitions.FileEntry], report: ScanReport
+    ) -> footers.Selection:
+        """A trace's few row groups, picked from cached footers (pyarrow's own per-scan
+        footer parsing and pruning would grow with the files)."""
+        sel = footers.select_row_groups(
+            FOOTERS, self.store, [f.path for f in files], scope.req.window
+        )
+        report.row_groups_read, report.row_groups_total = (
+            sel.row_groups_read,
+            sel.row_groups_total,
+        )
+        return sel
+
+    def plan(self, req: ScanRequest, *, row_groups: bool = False) -> ScanReport:
+        """What a scan would do now, without refreshing (EXPLAIN without ANALYZE)."""
+        scope = self.scope(req)
+        report = self._describe(scope)
+        files = self._files(scope, report)
         if scope.route == "trace" and files:
-            sel = footers.select_row_groups(
-                FOOTERS, self.store, [f.path for f in files], scope.req.window
-            )
-            report.row_groups_read, report.row_groups_total = (
-                sel.row_groups_read,
-                sel.row_groups_total,
-            )
+            self._select_row_groups(scope, files, report)
         elif row_groups and files:
             _, st = parquet.open_scan(
                 self.store,
@@ -287,21 +300,9 @@ class SpansLake:
             report.blocks_decoded, report.blocks_failed = rs.blocks_decoded, rs.blocks_failed
         else:
             report.reused = len(states)
-        files = partitions.files_for_scan(
-            self.conn, [(s.process_id, s.hour) for s in states], scope.req.window
-        )
-        report.files = len(files)
-        report.rows_in_files = sum(f.nb_rows for f in files)
+        files = self._files(scope, report)
         if scope.route == "trace":
-            # A few row groups of a few files: select them from cached footers (the cost of
-            # pyarrow's own per-scan footer parsing and pruning grows with the files).
-            sel = footers.select_row_groups(
-                FOOTERS, self.store, [f.path for f in files], scope.req.window
-            )
-            report.row_groups_read, report.row_groups_total = (
-                sel.row_groups_read,
-                sel.row_groups_total,
-            )
+            sel = self._select_row_groups(scope, files, report)
             expr = request_expression(scope.req)
             return footers.open_selected(self.store, sel, list(columns), expr), report
         reader, st = parquet.open_scan(
