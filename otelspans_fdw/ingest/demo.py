@@ -423,6 +423,21 @@ async def send_raw(
             await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
         return False
 
+    async def drain(send: Any) -> None:
+        """Run ``concurrency`` clients that take requests from the queue until it is empty."""
+
+        async def worker() -> None:
+            nonlocal sent, failed
+            while queue:
+                body, n = queue.pop()
+                if await with_retries(send, body):
+                    sent += n
+                else:
+                    failed += 1
+                progress.update(sent, failed)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
     if protocol == "http":
         import aiohttp
 
@@ -435,17 +450,7 @@ async def send_raw(
                     await r.read()
                     return r.status == 200
 
-            async def worker() -> None:
-                nonlocal sent, failed
-                while queue:
-                    body, n = queue.pop()
-                    if await with_retries(send, body):
-                        sent += n
-                    else:
-                        failed += 1
-                    progress.update(sent, failed)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await drain(send)
     else:
         import grpc
 
@@ -469,17 +474,7 @@ async def send_raw(
                         return False
                     raise
 
-            async def worker() -> None:
-                nonlocal sent, failed
-                while queue:
-                    body, n = queue.pop()
-                    if await with_retries(send, body):
-                        sent += n
-                    else:
-                        failed += 1
-                    progress.update(sent, failed)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await drain(send)
     progress.update(sent, failed, force=True)
     return sent, failed
 
