@@ -63,6 +63,7 @@ otelspans_fdw_validator(PG_FUNCTION_ARGS)
 	{
 		DefElem    *def = lfirst_node(DefElem, lc);
 
+		pyhost_check_option_rights(def->defname, catalog);
 		if (strcmp(def->defname, "wrapper") != 0)
 			continue;
 		if (catalog != ForeignServerRelationId)

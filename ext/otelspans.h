@@ -105,6 +105,10 @@ extern PyObject *pyhost_api_module(void);
  */
 extern PyObject *pyhost_get_instance(Oid foreigntableid, PyObject **column_names);
 
+/* option_rights.c: superuser-only and server-only options; the lake's role. */
+extern void pyhost_check_option_rights(const char *name, Oid catalog);
+extern char *pyhost_extension_owner(void);
+
 /* ---------------------------------------------------------------------
  * quals.c
  * ---------------------------------------------------------------------

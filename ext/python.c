@@ -544,9 +544,19 @@ host_backend_info(PyObject *self, PyObject *args)
 		while (*first_socket == ' ')
 			first_socket++;
 	}
-	return Py_BuildValue("{s:z,s:z,s:s,s:i,s:z}",
+	/*
+	 * The statement's start (an open upper end of a time window means "now"
+	 * as the statement sees it) as microseconds since the Unix epoch, and the
+	 * session's TimeZone (timestamp and date values compare in it).
+	 */
+	return Py_BuildValue("{s:z,s:z,s:s,s:i,s:z,s:z,s:L,s:z}",
 						 "database", dbname, "user", user, "data_directory", DataDir,
-						 "port", PostPortNumber, "socket_directory", first_socket);
+						 "port", PostPortNumber, "socket_directory", first_socket,
+						 "extension_owner", pyhost_extension_owner(),
+						 "statement_time_us",
+						 (long long) (GetCurrentStatementStartTimestamp() +
+									  (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY),
+						 "timezone", GetConfigOption("TimeZone", true, false));
 }
 
 /* ---------------------------------------------------------------------

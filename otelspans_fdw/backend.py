@@ -1,23 +1,30 @@
 """Where the wrapper runs: finding the local database, its socket and data directory.
 
 Inside a PostgreSQL backend the wrapper needs a metadata connection to *the database it is
-running in*, as *the user running the query*, without configuration.  Nothing in the
-Multicorn2 API tells a wrapper either name.  Our host answers directly
+running in*, as *the role a superuser fixed at setup*, without configuration.  That role is
+the owner of the ``otelspans`` extension, never the role running the query: the lake writes
+partitions, retires files and reads the whole index, which no reader may do, and what the
+lake may do must not change with whoever scanned first in a backend.  Nothing in the
+Multicorn2 API tells a wrapper the database or the owner.  Our host answers directly
 (``_otelspans_host.backend_info()``); under another host (multicorn2) we find them from the
 process itself:
 
 * the backend's working directory is the data directory (PostgreSQL ``chdir``s there);
 * ``postmaster.pid`` in it holds the port and the first Unix socket directory;
 * one short connection to a maintenance database over that socket reads the row of our own
-  backend pid in ``pg_stat_activity``: ``datname`` and ``usename`` are visible to every role.
+  backend pid in ``pg_stat_activity`` (``datname`` is visible to every role), then one to that
+  database reads the extension's owner.
 
-The resulting DSN is ``host=<socket dir> port=<port> dbname=<current db> user=<current user>``.
-A server option ``dsn`` (or the ``OTELSPANS_DSN`` environment variable of the server) replaces
-all of this, e.g. when local connections need a password.
+The resulting DSN is ``host=<socket dir> port=<port> dbname=<current db> user=<owner>``: a
+local-socket login as the extension's owner, which Debian's default ``peer`` rule (the backend
+runs as the ``postgres`` OS user) and ``trust`` both accept.  A server option ``dsn`` (set by a
+superuser, on the server only; the host's validator refuses it anywhere else) or the server's
+``OTELSPANS_DSN`` environment variable replaces it, e.g. when local connections need a password.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from dataclasses import dataclass
@@ -39,13 +46,27 @@ class BackendInfo:
     socket_directory: str
     database: str
     user: str
+    #: owner of the otelspans extension in ``database`` (the lake's role); None without it
+    lake_user: str | None = None
+    #: the session's TimeZone setting, and when the current statement started (our host only)
+    timezone: str | None = None
+    statement_time: dt.datetime | None = None
 
     @property
     def dsn(self) -> str:
+        """The lake's connection: this database over the local socket as the lake's role."""
+        user = self.lake_user or _service_user()
         return (
             f"host={_quote(self.socket_directory)} port={self.port}"
-            f" dbname={_quote(self.database)} user={_quote(self.user)}"
+            f" dbname={_quote(self.database)} user={_quote(user)}"
         )
+
+
+def _service_user() -> str:
+    """The OS user the server runs as: the role name that ``peer`` maps it to."""
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def _quote(v: str) -> str:
@@ -74,15 +95,32 @@ def _from_host() -> BackendInfo | None:
         info.get("socket_directory") or "/var/run/postgresql",
         info["database"],
         info["user"],
+        info.get("extension_owner"),
+        info.get("timezone"),
+        _from_us(info.get("statement_time_us")),
     )
 
 
-@functools.cache
+def _from_us(us: int | None) -> dt.datetime | None:
+    if us is None:
+        return None
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+
+
 def backend_info() -> BackendInfo | None:
-    """The local server and session, or None when not running inside a backend."""
+    """The local server and session, or None when not running inside a backend.
+
+    Asked anew each time under our host (it costs nothing and sees ``SET ROLE``); found once
+    per backend otherwise.
+    """
     hosted = _from_host()
     if hosted is not None:
         return hosted
+    return _from_process()
+
+
+@functools.cache
+def _from_process() -> BackendInfo | None:
     datadir = Path(os.getcwd())
     if not (datadir / "postmaster.pid").is_file() or not (datadir / "PG_VERSION").is_file():
         return None
@@ -101,12 +139,31 @@ def backend_info() -> BackendInfo | None:
         except psycopg.Error:
             continue
         if row and row[0]:
-            return BackendInfo(datadir, port, sockdir, row[0], row[1])
+            return BackendInfo(
+                datadir, port, sockdir, row[0], row[1], _owner(sockdir, port, row[0])
+            )
     return None
 
 
+def _owner(sockdir: str, port: int, database: str) -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            host=sockdir, port=port, dbname=database, autocommit=True, connect_timeout=10
+        ) as c:
+            row = c.execute(
+                "SELECT extowner::regrole::text FROM pg_catalog.pg_extension"
+                " WHERE extname = 'otelspans'"
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return str(row[0]).strip('"') if row else None
+
+
 def default_dsn() -> str:
-    """``OTELSPANS_DSN``, else the current database over the local socket, else ``""``."""
+    """``OTELSPANS_DSN``, else this database over the local socket as the extension's owner,
+    else ``""``."""
     env = os.environ.get("OTELSPANS_DSN")
     if env:
         return env

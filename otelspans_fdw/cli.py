@@ -243,7 +243,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_migrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("migrate", help="create or upgrade the metadata tables")
+    p = sub.add_parser(
+        "migrate",
+        help="install or update the otelspans extension (its tables), as its owner or a superuser",
+    )
     _common_db(p)
     p.set_defaults(func=cmd_migrate)
 
@@ -253,7 +256,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     with db.connect(args.dsn) as conn:
         n = db.migrate(conn)
-        print(f"applied {n} migration(s); schema version {db.current_version(conn)}")
+        schema = db.extension_schema(conn)
+        where = f"extension otelspans in schema {schema}" if schema else "no extension"
+        print(f"applied {n} migration(s); schema version {db.current_version(conn)} ({where})")
     return 0
 
 

@@ -2,9 +2,24 @@
 
 The metadata tables (processes, streams, blocks) are ordinary PostgreSQL tables so that users
 join them with their own data and the wrapper finds blocks with plain indexed SQL.  The schema
-is a list of numbered migrations recorded in ``otel_schema_version``; :func:`migrate` applies
-the missing ones under a transaction-scoped advisory lock, so a receiver and a CLI (or two
-receivers) starting at the same time never race on ``CREATE TABLE``.
+is a list of numbered migrations recorded in ``otel_schema_version``.
+
+Who creates it: the ``otelspans`` extension.  Its install script is generated from these lists
+(:mod:`otelspans_fdw.sqlgen`), so every table belongs to the extension, is owned by the
+extension's owner, lives in the extension's schema and is dumped by ``pg_dump`` with its rows
+(``pg_extension_config_dump``).  A role that can read the tables therefore cannot own one, add
+a trigger to one or create one on the scan path: nothing on the scan path creates anything
+(:func:`require_current` only checks the version).  :func:`migrate` (the receiver at start,
+``otelspans migrate``) installs or updates the extension; only where the extension cannot exist
+(a metadata database on a server without it, or one created before it) does it apply the
+migrations itself, under a transaction-scoped advisory lock so that concurrent starters never
+race on ``CREATE TABLE``.  A new step: append a migration here (or to
+:data:`otelspans_fdw.lake.partitions.LAKE_MIGRATIONS`) and a version to
+:data:`otelspans_fdw.sqlgen.EXTENSION_VERSIONS`, then regenerate the SQL.
+
+Every connection opened through :func:`connect` to a database with the extension gets a fixed
+``search_path`` (``pg_catalog``, the extension's schema, ``pg_temp`` last), so no object that
+another role may create in some other schema is ever resolved by the receiver or the lake.
 
 Tables (names and columns are relied on by the lake and the wrapper):
 
@@ -49,6 +64,7 @@ import psycopg
 from otelspans_fdw.exceptions import MetadataError
 
 __all__ = [
+    "EXTENSION",
     "MIGRATIONS",
     "MIGRATION_LOCK_KEY",
     "SCHEMA_VERSION",
@@ -56,10 +72,14 @@ __all__ = [
     "connect",
     "current_version",
     "default_dsn",
+    "extension_schema",
     "migrate",
+    "pin_search_path",
     "record_setting",
+    "require_current",
     "setting",
     "status_counts",
+    "version_table_sql",
 ]
 
 #: Advisory lock key taken while migrating ("otelmigr" as a big-endian int64).
@@ -151,6 +171,15 @@ MIGRATIONS: list[tuple[int, str]] = [
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+#: The extension that creates the schema (and the version tables that record it).
+EXTENSION = "otelspans"
+VERSION_TABLE = "otel_schema_version"
+LAKE_VERSION_TABLE = "otel_lake_schema_version"
+UPGRADE_HINT = (
+    "Its owner runs ALTER EXTENSION otelspans UPDATE (or otelspans migrate) after installing "
+    "the new extension files (make install)."
+)
+
 #: The object store the receiver writes to, so that the wrapper reads the same one by default.
 STORE_URL_SETTING = "store_url"
 
@@ -163,9 +192,10 @@ def default_dsn() -> str:
 def connect(
     dsn: str | None = None, *, autocommit: bool = False, **kwargs: Any
 ) -> psycopg.Connection:
-    """Open a metadata connection, turning connection failures into :class:`MetadataError`."""
+    """Open a metadata connection, turning connection failures into :class:`MetadataError`;
+    its ``search_path`` is pinned (:func:`pin_search_path`)."""
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             default_dsn() if dsn is None else dsn, autocommit=autocommit, **kwargs
         )
     except psycopg.OperationalError as e:
@@ -173,15 +203,102 @@ def connect(
             f"cannot connect to the metadata database: {e}".strip(),
             hint="Set OTELSPANS_DSN or the PG* environment variables.",
         ) from e
+    pin_search_path(conn)
+    return conn
+
+
+def extension_schema(conn: psycopg.Connection) -> str | None:
+    """The schema of the installed ``otelspans`` extension, or None."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_catalog.pg_extension e"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = %s",
+        (EXTENSION,),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def pin_search_path(conn: psycopg.Connection) -> str | None:
+    """Fix the session's ``search_path`` to ``pg_catalog, <extension schema>, pg_temp``.
+
+    Session-wide, also on a connection that is not in autocommit mode (committed here, at
+    connect time, before the caller starts any work).  Without the extension the path is left
+    alone: a receiver-only metadata database keeps its tables where ``migrate`` put them.
+    """
+    schema = extension_schema(conn)
+    if schema is not None:
+        conn.execute(
+            "SELECT pg_catalog.set_config('search_path',"
+            " 'pg_catalog, ' || pg_catalog.quote_ident(%s) || ', pg_temp', false)",
+            (schema,),
+        )
+    if not conn.autocommit:
+        conn.commit()
+    return schema
+
+
+def _versions(conn: psycopg.Connection) -> tuple[int, int]:
+    """Recorded (metadata, lake) versions; 0 where a version table is missing."""
+    row = conn.execute(
+        "SELECT CASE WHEN to_regclass(%s) IS NULL THEN 0 END,"
+        " CASE WHEN to_regclass(%s) IS NULL THEN 0 END",
+        (VERSION_TABLE, LAKE_VERSION_TABLE),
+    ).fetchone()
+    assert row is not None
+    meta = row[0] if row[0] is not None else _max_version(conn, VERSION_TABLE)
+    lake = row[1] if row[1] is not None else _max_version(conn, LAKE_VERSION_TABLE)
+    return int(meta), int(lake)
+
+
+def _max_version(conn: psycopg.Connection, table: str) -> int:
+    row = conn.execute(f"SELECT coalesce(max(version), 0) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _code_versions() -> tuple[int, int]:
+    from otelspans_fdw.lake.partitions import LAKE_MIGRATIONS
+
+    return SCHEMA_VERSION, LAKE_MIGRATIONS[-1][0]
+
+
+def require_current(conn: psycopg.Connection) -> None:
+    """Refuse to work on a schema older (or newer) than this code: the scan path never
+    creates or migrates anything, so it says who must."""
+    have, want = _versions(conn), _code_versions()
+    if have == want:
+        return
+    dbname = conn.info.dbname
+    if have == (0, 0):
+        raise MetadataError(
+            f"database {dbname!r} has no otelspans metadata tables",
+            hint="A superuser runs CREATE EXTENSION otelspans in that database "
+            "(or the server option dsn names the database that has them).",
+        )
+    if have < want:
+        raise MetadataError(
+            f"the otelspans schema of database {dbname!r} is older than the installed code"
+            f" (metadata {have[0]}, lake {have[1]}; the code needs {want[0]}, {want[1]})",
+            hint=UPGRADE_HINT,
+        )
+    raise MetadataError(
+        f"the otelspans schema of database {dbname!r} is newer than the installed code"
+        f" (metadata {have[0]}, lake {have[1]}; the code knows {want[0]}, {want[1]})",
+        hint="Install the matching otelspans Python package on this server (make install).",
+    )
 
 
 def current_version(conn: psycopg.Connection) -> int:
     """The applied schema version (0 for an empty database)."""
-    row = conn.execute("SELECT to_regclass('otel_schema_version') IS NOT NULL").fetchone()
-    if not row or not row[0]:
-        return 0
-    row = conn.execute("SELECT coalesce(max(version), 0) FROM otel_schema_version").fetchone()
-    return int(row[0]) if row else 0
+    return _versions(conn)[0]
+
+
+def version_table_sql(name: str, *, if_not_exists: bool = False) -> str:
+    """DDL of a version table (the extension script and :func:`apply_migrations` share it)."""
+    maybe = "IF NOT EXISTS " if if_not_exists else ""
+    return (
+        f"CREATE TABLE {maybe}{name} ("
+        " version integer PRIMARY KEY,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
 
 
 def apply_migrations(
@@ -197,15 +314,14 @@ def apply_migrations(
     transaction that first takes a transaction-scoped advisory lock, so the second caller waits
     and then finds the versions already recorded.  Each component (metadata here, the lake's
     partition index) keeps its own list and table, so one can move without the other.
+    Nothing to do where the extension is installed: it owns the schema (see :func:`migrate`).
     """
+    if extension_schema(conn) is not None:
+        return 0
     applied = 0
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {version_table} ("
-            " version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        conn.execute(version_table_sql(version_table, if_not_exists=True))
         have = {r[0] for r in conn.execute(f"SELECT version FROM {version_table}")}
         for version, sql in migrations:
             if version in have:
@@ -217,10 +333,53 @@ def apply_migrations(
 
 
 def migrate(conn: psycopg.Connection) -> int:
-    """Bring the metadata schema up to :data:`SCHEMA_VERSION`; return the number applied."""
-    return apply_migrations(
-        conn, MIGRATIONS, version_table="otel_schema_version", lock_key=MIGRATION_LOCK_KEY
-    )
+    """Bring the schema (metadata and lake) up to this code's; return the steps applied.
+
+    With the extension available on the server: ``CREATE EXTENSION otelspans`` (in the
+    connection's current schema) or ``ALTER EXTENSION otelspans UPDATE``, which needs the
+    extension's owner or a superuser.  Without it, or in a database whose tables predate it,
+    the migrations themselves.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        before = _versions(conn)  # under the lock: a concurrent migrate counts nothing twice
+        schema = extension_schema(conn)
+        try:
+            if schema is None and _available(conn) and before == (0, 0):
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {EXTENSION}")
+            elif schema is not None and before < _code_versions():
+                conn.execute(f"ALTER EXTENSION {EXTENSION} UPDATE")
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise MetadataError(
+                f"cannot install or update the otelspans schema as {conn.info.user!r}: "
+                f"{e.diag.message_primary}",
+                hint="A superuser runs CREATE EXTENSION otelspans (or ALTER EXTENSION "
+                "otelspans UPDATE) in this database, or otelspans migrate with its DSN.",
+            ) from e
+    schema = pin_search_path(conn)
+    if schema is None:
+        from otelspans_fdw.lake.partitions import ensure_schema
+
+        apply_migrations(conn, MIGRATIONS, version_table=VERSION_TABLE, lock_key=MIGRATION_LOCK_KEY)
+        ensure_schema(conn)
+    after = _versions(conn)
+    if after < _code_versions():
+        raise MetadataError(
+            f"the otelspans extension of database {conn.info.dbname!r} is older than the code"
+            f" even after ALTER EXTENSION otelspans UPDATE (metadata {after[0]}, lake {after[1]})",
+            hint="Install the extension files of this version (make install), then run "
+            "otelspans migrate again.",
+        )
+    if not conn.autocommit:
+        conn.commit()
+    return (after[0] - before[0]) + (after[1] - before[1])
+
+
+def _available(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = %s", (EXTENSION,)
+    ).fetchone()
+    return row is not None
 
 
 def record_setting(conn: psycopg.Connection, name: str, value: str) -> str:

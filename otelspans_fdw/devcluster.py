@@ -53,6 +53,11 @@ class LocalCluster:
     base: Path
     port: int = field(default_factory=free_port)
     settings: dict[str, str] = field(default_factory=dict)
+    #: pg_hba methods for local sockets and TCP (Debian's defaults: "peer", "scram-sha-256")
+    auth_local: str = "trust"
+    auth_host: str = "trust"
+    #: the superuser's password (required when TCP needs one)
+    password: str | None = None
 
     @property
     def datadir(self) -> Path:
@@ -66,8 +71,13 @@ class LocalCluster:
     def logfile(self) -> Path:
         return self.base / "postgres.log"
 
-    def dsn(self, dbname: str = "postgres", user: str = SERVICE_USER) -> str:
-        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
+    def dsn(
+        self, dbname: str = "postgres", user: str = SERVICE_USER, password: str | None = None
+    ) -> str:
+        if password is None and user == SERVICE_USER:
+            password = self.password
+        secret = f" password={password}" if password else ""
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}{secret}"
 
     def init(self, python_sources: Iterable[Path] = ()) -> None:
         """Create the cluster and copy ``python_sources`` (packages or modules) into pylib."""
@@ -76,6 +86,11 @@ class LocalCluster:
         self.pylib.mkdir(exist_ok=True)
         self.sync_python(python_sources)
         if not (self.datadir / "PG_VERSION").exists():
+            auth = [f"--auth-local={self.auth_local}", f"--auth-host={self.auth_host}"]
+            if self.password is not None:
+                pwfile = self.base / "pwfile"
+                pwfile.write_text(self.password + "\n")
+                auth.append(f"--pwfile={pwfile}")
             _chown_to_service_user(self.base)
             subprocess.run(
                 _as_service_user(
@@ -83,8 +98,7 @@ class LocalCluster:
                         str(PG_BINDIR / "initdb"),
                         "-D",
                         str(self.datadir),
-                        "-A",
-                        "trust",
+                        *auth,
                         "-U",
                         SERVICE_USER,
                         "-E",
@@ -96,6 +110,7 @@ class LocalCluster:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
+            (self.base / "pwfile").unlink(missing_ok=True)
         conf = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),

@@ -9,26 +9,36 @@ Options (server, then table; the table wins):
 
 ``dsn``
     metadata database (libpq string).  Default: ``OTELSPANS_DSN``, else the current database
-    over the local Unix socket as the current user (see :mod:`otelspans_fdw.backend`).
+    over the local Unix socket as the extension's owner (see :mod:`otelspans_fdw.backend`):
+    the lake's role, whichever role queries.
 ``store``
     object store URL or directory with the blocks and partition files.  Default:
     ``OTELSPANS_STORE`` in the server's environment, else the store the receiver recorded in
     ``otel_settings``, else ``$PGDATA/otelspans_store``.  S3 credentials come from the
-    options too (put them in a user mapping; see :func:`otelspans_fdw.objstore.store_from_options`).
+    options too (a user mapping FOR PUBLIC; see :func:`otelspans_fdw.objstore.store_from_options`).
+
+``dsn``, ``store``, the S3 endpoint, region and credential mode and the guard's limits are
+superuser-only server options (the host's validator, ``ext/option_rights.c``); credentials
+may also be in a user mapping, written by a superuser.
 ``rows_per_process``
     planner estimate of rows one process yields when nothing better is known (default 100000).
 ``rows_per_trace``
     planner estimate of the rows of one trace, for joins on ``trace_id`` (default 50).
+``max_stale_spans``
+    most spans (default 2,000,000) a query without a ``process_id`` or ``trace_id`` condition
+    may materialise before it reads; beyond it the ERROR says how much is stale and how to
+    materialise ahead.  A window whose partitions are fresh is answered whatever its width.
 ``max_window``
-    widest time window (a PostgreSQL interval, default ``1 day``) a query may ask for without
-    a ``process_id`` or ``trace_id`` condition; wider ones fail with a HINT.
+    optional: widest time window (a PostgreSQL interval) such a query may ask for.
 ``max_processes``
     most processes (default 1000) such a window query may touch.
 
 A scan needs one of: ``process_id`` conditions (or a join with ``otel_processes``),
 ``trace_id`` conditions (or a join on ``trace_id``: found through the trace index, across
-processes), or a bounded time window (``start_time >= ...``).  Others fail with a HINT naming
-the three.
+processes), a time window (``start_time >= ...``; an open upper end is the statement's time;
+``timestamp`` and ``date`` values are read in the session's TimeZone), or a LIMIT that the
+host hands down (``SELECT * FROM otel_spans LIMIT 200``, a BI tool's preview: the newest
+partitions, newest spans first).  Others fail with a HINT naming them.
 
 Metadata access uses its own autocommit connection, shared by the wrappers of a backend, so
 materialised partitions persist whatever the user's transaction does.
@@ -56,10 +66,9 @@ except ImportError:
 
 from otelspans_fdw import backend, db
 from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
-from otelspans_fdw.lake.partitions import ensure_schema
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import store_from_options
-from otelspans_fdw.quals import ScanRequest, scan_request
+from otelspans_fdw.quals import ScanRequest, scan_request, session_zone
 from otelspans_fdw.schema import COLUMN_NAMES
 
 __all__ = ["MISSING_PROCESS_HINT", "NO_QUAL_MESSAGE", "OtelSpansFDW"]
@@ -69,14 +78,14 @@ MISSING_PROCESS_HINT = (
     "Give one of: the process, WHERE process_id = '<uuid>' (or IN (...), or "
     "SELECT ... FROM otel_processes p JOIN otel_spans s USING (process_id) WHERE p.exe = '...'); "
     "the trace, WHERE trace_id = '<32 hex digits>' (or IN (...), or a join on trace_id); "
-    "or a bounded time window, WHERE start_time >= now() - interval '15 minutes' "
-    "(at most the server option max_window, default 1 day)."
+    "a time window, WHERE start_time >= now() - interval '15 minutes'; "
+    "or, to preview the newest spans, SELECT * FROM otel_spans LIMIT 200."
 )
 # Rows the planner is told for a scan with no usable qual: large, so that a parameterized
 # path (process_id or trace_id from a join) always wins over a scan that would fail.
 _NO_PROCESS_ROWS = 10**9
-_DEFAULT_MAX_WINDOW = "1 day"
 _DEFAULT_MAX_PROCESSES = 1000
+_DEFAULT_MAX_STALE_SPANS = 2_000_000
 _intervals: dict[str, dt.timedelta] = {}
 _PATH_KEY_TTL = 60.0
 
@@ -84,14 +93,20 @@ _connections: dict[str, psycopg.Connection] = {}
 
 
 def _connection(dsn: str) -> psycopg.Connection:
-    """The backend's metadata connection for ``dsn`` (opened and migrated once)."""
+    """The backend's metadata connection for ``dsn``, its schema version checked once.
+
+    Creates nothing: the extension owns the schema, and a database behind the code gets an
+    ERROR naming the upgrade command.
+    """
     conn = _connections.get(dsn)
     if conn is not None and not conn.closed and not conn.broken:
         return conn
     conn = db.connect(dsn, autocommit=True)
-    if conn.execute("SELECT to_regclass('otel_blocks') IS NULL").fetchone()[0]:  # type: ignore[index]
-        db.migrate(conn)
-    ensure_schema(conn)
+    try:
+        db.require_current(conn)
+    except BaseException:
+        conn.close()
+        raise
     _connections[dsn] = conn
     return conn
 
@@ -136,16 +151,24 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
 
     def _lake(self) -> SpansLake:
         conn = _connection(self.dsn)
+        max_window = self.options.get("max_window")
         limits = ScanLimits(
-            _interval(conn, self.options.get("max_window", _DEFAULT_MAX_WINDOW)),
+            _interval(conn, max_window) if max_window else None,
             self.max_processes,
+            int(self.options.get("max_stale_spans", _DEFAULT_MAX_STALE_SPANS)),
         )
+        info = backend.backend_info()
         return SpansLake(
             conn,
             store_from_options(self.options, default=self.store_url),
             warn=lambda msg: log_to_postgres(msg, WARNING),
             limits=limits,
+            now=info.statement_time if info else None,
         )
+
+    def _request(self, quals: list[Any]) -> ScanRequest:
+        info = backend.backend_info()
+        return scan_request(quals, timezone=session_zone(info.timezone if info else None))
 
     def _columns(self, columns: Iterable[str]) -> list[str]:
         cols = [c for c in COLUMN_NAMES if c in set(columns)]
@@ -163,10 +186,13 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         offset: int | None = None,
     ) -> Any:
         """Arrow batches of the matching spans (PostgreSQL rechecks every qual)."""
-        req = scan_request(quals)
+        req = self._request(quals)
         if route(req) == "none":
-            raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
-        reader, self.last_report = self._lake().scan(req, self._columns(columns))
+            if limit is None or offset:
+                raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
+            reader, self.last_report = self._lake().preview(req, self._columns(columns), limit)
+        else:
+            reader, self.last_report = self._lake().scan(req, self._columns(columns))
         if _OUR_HOST:
             return reader
         return _rows(reader)
@@ -174,7 +200,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     def get_rel_size(self, quals: list[Any], columns: Iterable[str]) -> tuple[int, int]:
         """Rows from the blocks' span counts of the requested processes/traces and window."""
         width = 40 * len(self._columns(columns))
-        req = scan_request(quals)
+        req = self._request(quals)
         if route(req) == "none":
             return (_NO_PROCESS_ROWS, width)
         if req.is_empty:
@@ -191,6 +217,11 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             else:
                 rows = _NO_PROCESS_ROWS
         return (max(rows, 1), width)
+
+    def can_limit(self, limit: int | None, offset: int | None) -> bool:
+        """A LIMIT without OFFSET may come down: with no process, trace or window it turns
+        the scan into a preview of the newest spans (PostgreSQL still applies the LIMIT)."""
+        return limit is not None and not offset
 
     def get_path_keys(self) -> list[tuple[tuple[str, ...], int]]:
         """``process_id`` given by equality (e.g. from a join) cuts the rows to one process,
@@ -225,7 +256,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         verbose: bool = False,
     ) -> list[str]:
         """Window, partitions (stale ones are refreshed by the scan), files, row groups, filters."""
-        req: ScanRequest = scan_request(quals)
+        req: ScanRequest = self._request(quals)
         if route(req) == "none":
             return [
                 "Process, trace or window: known at execution (a parameter, the outer side"

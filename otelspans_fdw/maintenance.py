@@ -9,8 +9,7 @@ comes from.  There are no command-line flags or ``AWS_*`` variables in a backend
   the foreign server (``otel_spans_server`` unless ``server`` is given), then those of the user
   mapping of the current role (the function's owner under SECURITY DEFINER), else PUBLIC's;
 * the metadata DSN is the server's ``dsn`` option, else this database over the local socket as
-  the current role, asked of the host *now* (:func:`otelspans_fdw.backend.default_dsn` caches
-  the first answer of a backend, which may be another role's).
+  the extension's owner (the lake's role, as for scans).
 
 Each call opens its own autocommit connection, so every batch commits on its own whatever the
 calling transaction does (a retention that fails half-way keeps the batches it finished).
@@ -105,10 +104,9 @@ def retention(
 def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int]:
     """``otel_publish(...)``: register new partition files in the Iceberg table."""
     from otelspans_fdw.lake import publish as lake_publish
-    from otelspans_fdw.lake.partitions import ensure_schema
 
     conn, dsn, store = _configure(server)
     with conn:
-        ensure_schema(conn)
+        db.require_current(conn)
         stats = lake_publish.publish(conn, dsn, store, batch=batch)
     return {"added": stats.added, "removed": stats.removed, "snapshots": stats.snapshots}

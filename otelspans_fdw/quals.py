@@ -15,6 +15,11 @@ Rules (PostgreSQL rechecks every qual, so anything we do not understand is simpl
   arrives as two quals).  Any row satisfying the quals overlaps the window, so the store is
   scanned with the overlap filter ``start_time <= end AND end_time >= begin``; spans crossing
   the edges survive.  The comparisons themselves are also pushed as exact predicates.
+* ``timestamp`` (without time zone) and ``date`` values (what JDBC's ``LocalDateTime`` and a
+  date picker send) are windows too: PostgreSQL compares them with ``timestamptz`` in the
+  session's ``TimeZone``, so they are read as local times of that zone (``timezone`` argument
+  of :func:`scan_request`); a local time that a DST change makes ambiguous or skipped widens
+  the window to every instant it may name, and PostgreSQL's recheck keeps the exact rows.
 * other columns: equality-type comparisons on text (``=``, ``<>``, lists, ``IS [NOT] NULL``);
   ordering comparisons only where the order is the same in Arrow and PostgreSQL (numbers,
   timestamps; never text, whose order depends on the collation).
@@ -35,6 +40,7 @@ __all__ = [
     "ScanRequest",
     "TimeWindow",
     "scan_request",
+    "session_zone",
 ]
 
 Op = Literal["=", "<>", "<", "<=", ">", ">=", "in", "is_null", "not_null"]
@@ -165,6 +171,43 @@ def _aware(v: Any) -> dt.datetime | None:
     return None
 
 
+def _instants(v: Any, tz: Any) -> tuple[dt.datetime, dt.datetime] | None:
+    """The earliest and latest instant a time value may name (equal unless it is a local time
+    that a DST change makes ambiguous or skipped); None when it is not a time or no zone is
+    known for a local one."""
+    t = _aware(v)
+    if t is not None:
+        return t, t
+    if tz is None:
+        return None
+    if isinstance(v, dt.date) and not isinstance(v, dt.datetime):
+        v = dt.datetime(v.year, v.month, v.day)
+    if not isinstance(v, dt.datetime):
+        return None
+    try:
+        folds = [v.replace(tzinfo=tz, fold=f).astimezone(dt.UTC) for f in (0, 1)]
+        return min(folds) - _DST_SLACK, max(folds) + _DST_SLACK
+    except (OverflowError, ValueError):
+        return None  # beyond datetime's range: PostgreSQL alone compares it
+
+
+#: Widening of a local time's instants: a skipped local time (spring forward) maps to either
+#: side of the gap, which zoneinfo's folds give only up to the gap's length (at most 2 h).
+_DST_SLACK = dt.timedelta(hours=2)
+
+
+def session_zone(name: str | None) -> Any:
+    """The ``zoneinfo`` zone of a PostgreSQL ``TimeZone`` setting, or None if unknown."""
+    if not name:
+        return None
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+
+
 def _value_ok(column: str, v: Any) -> bool:
     if column in _TEXT_COLUMNS:
         return isinstance(v, _TEXT)
@@ -210,19 +253,24 @@ def _predicate(q: QualLike) -> Predicate | None:
     return Predicate(col, op, v)  # type: ignore[arg-type]
 
 
-def _narrow_window(window: TimeWindow, col: str, op: str, v: dt.datetime) -> TimeWindow:
-    """Apply ``col op v`` (col is start_time or end_time) to the window."""
+def _narrow_window(
+    window: TimeWindow, col: str, op: str, v: tuple[dt.datetime, dt.datetime]
+) -> TimeWindow:
+    """Apply ``col op v`` (col is start_time or end_time; ``v`` the earliest and latest
+    instant the value may name) to the window."""
+    lo, hi = v
     if op in (">", ">="):
-        return window.narrow(begin=v)
+        return window.narrow(begin=lo)
     if op in ("<", "<="):
-        return window.narrow(end=v)
+        return window.narrow(end=hi)
     if op == "=":
-        return window.narrow(begin=v, end=v)
+        return window.narrow(begin=lo, end=hi)
     return window
 
 
-def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
-    """Translate the quals the host offers into a :class:`ScanRequest`."""
+def scan_request(quals: Iterable[QualLike], *, timezone: Any = None) -> ScanRequest:
+    """Translate the quals the host offers into a :class:`ScanRequest`; ``timezone`` (a
+    ``tzinfo``, see :func:`session_zone`) reads ``timestamp`` and ``date`` values."""
     pids: frozenset[uuid.UUID] | None = None
     tids: frozenset[str] | None = None
     window = TimeWindow()
@@ -246,15 +294,15 @@ def scan_request(quals: Iterable[QualLike]) -> ScanRequest:
             found = _trace_ids(q.value, any_all)
             tids = found if tids is None else tids & found
         if col in ("start_time", "end_time") and any_all is None:
-            t = _aware(q.value)
+            t = _instants(q.value, timezone)
             if t is not None:
                 window = _narrow_window(window, col, op, t)
             elif q.value is None and op in _COMPARISONS:
                 nothing = True  # start_time/end_time are NOT NULL; comparing with NULL: no row
         elif col in ("start_time", "end_time") and any_all and op == "=":
-            times = [t for t in map(_aware, q.value or []) if t is not None]
-            if times and len(times) == len(q.value):
-                window = window.narrow(begin=min(times), end=max(times))
+            spans = [t for t in (_instants(x, timezone) for x in q.value or []) if t is not None]
+            if spans and len(spans) == len(q.value):
+                window = window.narrow(begin=min(t[0] for t in spans), end=max(t[1] for t in spans))
         p = _predicate(q)
         if p is not None:
             preds.append(p)

@@ -21,7 +21,7 @@ WITH RECURSIVE spans AS MATERIALIZED (
     SELECT DISTINCT ON (s.span_id)
            s.span_id, s.parent_span_id, s.process_id, s.service_name, s.exe, s.name, s.kind,
            s.status, s.status_message, s.start_time, s.end_time, s.duration
-      FROM otel_spans s
+      FROM @extschema@.otel_spans s
      WHERE s.trace_id = lower(p_trace_id)
      ORDER BY s.span_id, s.insert_time, s.block_id
 ), tree AS (
@@ -66,7 +66,7 @@ AS $fn$
 WITH spans AS MATERIALIZED (
     SELECT s.process_id, coalesce(s.service_name, s.exe) AS service, s.trace_id, s.span_id,
            s.parent_span_id, s.status, s.duration, s.start_time
-      FROM otel_spans s
+      FROM @extschema@.otel_spans s
      WHERE s.end_time >= p_begin AND s.start_time <= p_end
 )
 SELECT p.service, c.service, count(*), count(*) FILTER (WHERE c.status = 'ERROR'),

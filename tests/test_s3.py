@@ -143,7 +143,7 @@ def test_s3_ingest_query_publish_with_secrets_in_user_mappings(
     assert len(keys(s3_endpoint, "otel/blobs/")) == 3
 
     conn = psycopg.connect(fresh_dsn, autocommit=True)
-    conn.execute("CREATE EXTENSION otelspans")
+    conn.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
     conn.execute(
         sql.SQL(
             "ALTER SERVER otel_spans_server OPTIONS (ADD store {}, ADD aws_endpoint_url {},"

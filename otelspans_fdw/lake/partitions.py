@@ -7,8 +7,9 @@ rewrite an old one.  A partition is **fresh** when it covers exactly the blocks 
 now, checked cheaply by (block count, block-id checksum, schema version); a stale one is
 brought up to date by :mod:`otelspans_fdw.lake.refresh`.
 
-Tables (created by :func:`ensure_schema`, versioned in ``otel_lake_schema_version`` apart from
-the ingestion schema so the two evolve independently):
+Tables (created by the extension, or by :func:`ensure_schema` where there is none; versioned
+in ``otel_lake_schema_version`` apart from the ingestion schema so the two evolve
+independently; see :mod:`otelspans_fdw.db`):
 
 ``otel_partitions``
     one row per materialised partition: covered block ids, counts, event-time bounds,
@@ -103,16 +104,28 @@ LAKE_MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        # The publisher's state (see otelspans_fdw.lake.publish); IF NOT EXISTS because the
+        # publisher used to create it itself.
+        """
+        CREATE TABLE IF NOT EXISTS otel_published_files (
+            path         text PRIMARY KEY,
+            published_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        """,
+    ),
 ]
 
 
 def ensure_schema(conn: psycopg.Connection) -> int:
     """Create or upgrade the lake tables; return the number of migrations applied.
 
-    Safe to call from every backend at once (see :func:`otelspans_fdw.db.apply_migrations`).
+    For databases without the extension (tests of the lake alone, receiver-only metadata
+    databases); never called on the scan path.  A no-op where the extension recorded them.
     """
     return db.apply_migrations(
-        conn, LAKE_MIGRATIONS, version_table="otel_lake_schema_version", lock_key=_LOCK_KEY
+        conn, LAKE_MIGRATIONS, version_table=db.LAKE_VERSION_TABLE, lock_key=_LOCK_KEY
     )
 
 

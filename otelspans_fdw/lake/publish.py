@@ -26,7 +26,6 @@ __all__ = [
     "NAMESPACE",
     "PublishStats",
     "catalog_for",
-    "ensure_publish_schema",
     "publish",
     "unpublish_removed",
 ]
@@ -42,14 +41,6 @@ class PublishStats:
     added: int = 0
     removed: int = 0
     snapshots: int = 0
-
-
-def ensure_publish_schema(conn: psycopg.Connection) -> None:
-    """Create the publisher's state table (idempotent)."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS otel_published_files ("
-        " path text PRIMARY KEY, published_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    )
 
 
 def _sqlalchemy_url(dsn: str) -> str:
@@ -110,7 +101,6 @@ def publish(
     conn: psycopg.Connection, dsn: str, store: ObjectStore, *, batch: int = DEFAULT_BATCH
 ) -> PublishStats:
     """Register new partition files and unregister retired ones; return the counts."""
-    ensure_publish_schema(conn)
     stats = PublishStats()
     table = _table(catalog_for(dsn, store))
     new = [

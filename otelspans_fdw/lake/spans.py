@@ -50,15 +50,18 @@ FOOTERS = footers.FooterCache()
 
 @dataclass(frozen=True, slots=True)
 class ScanLimits:
-    """What a scan without process or trace may touch (wrapper options ``max_window`` and
-    ``max_processes``): a typo'd dashboard query must not materialise a month of every
-    service."""
+    """What a scan without process or trace may do (server options): a typo'd dashboard
+    query must not materialise a month of every service, but a wide window whose partitions
+    are already fresh costs only reading, so the guard counts *work*: ``max_stale_spans``
+    spans to materialise (default 2,000,000: about ten seconds at the measured cold rate).
+    ``max_window`` (no default) caps the width too where an administrator wants it."""
 
-    max_window: dt.timedelta = dt.timedelta(days=1)
+    max_window: dt.timedelta | None = None
     max_processes: int = 1000
+    max_stale_spans: int = 2_000_000
 
 
-Route = Literal["process", "trace", "window", "none"]
+Route = Literal["process", "trace", "window", "preview", "none"]
 
 
 def route(req: ScanRequest) -> Route:
@@ -68,8 +71,12 @@ def route(req: ScanRequest) -> Route:
     if req.trace_ids is not None:
         return "trace"
     if req.window.begin is not None:
-        return "window"  # end open means "until now": still bounded
+        return "window"  # end open means "until the statement's time": still bounded
     return "none"
+
+
+#: Partitions a preview (no process, trace or window; a LIMIT) lists per round, newest first.
+_PREVIEW_BATCH = 16
 
 
 @dataclass(slots=True)
@@ -137,11 +144,14 @@ class SpansLake:
         *,
         warn: Callable[[str], None] | None = None,
         limits: ScanLimits | None = None,
+        now: dt.datetime | None = None,
     ):
         self.conn = conn
         self.store = store
         self.warn = warn or _log.warning
         self.limits = limits or ScanLimits()
+        #: the statement's time: what an open upper end of a window means
+        self.now = now
 
     def existing_processes(self, process_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
         """The ids among ``process_ids`` that are known processes, sorted."""
@@ -170,6 +180,7 @@ class SpansLake:
         if r == "window":
             pids = self._window_processes(req.window)
             states = partitions.partition_states(self.conn, pids, req.window)
+            self._check_work(states, len(pids))
             return Scope(req, states, len(pids), r)
         raise InvalidQueryError("otel_spans needs a process_id, trace_id or time condition")
 
@@ -189,11 +200,30 @@ class SpansLake:
         states = partitions.partition_states_for_keys(self.conn, keys)
         return Scope(narrowed, states, len({k[0] for k in keys}), "trace", len(blocks))
 
+    def _check_work(self, states: Sequence[PartitionState], processes: int) -> None:
+        """Refuse a scan without process or trace that would materialise too much."""
+        stale = [s for s in states if not s.fresh]
+        spans = sum(max(s.nb_spans - (s.stored_rows or 0), 0) for s in stale)
+        limit = self.limits.max_stale_spans
+        if spans <= limit:
+            return
+        raise InvalidQueryError(
+            f"otel_spans: this query would materialise {spans} spans first ({len(stale)} stale"
+            f" partitions of {len(states)}, {processes} processes), more than max_stale_spans"
+            f" ({limit}) for a query without process_id or trace_id",
+            hint="Materialise ahead of time: run it on narrower windows first, or per process"
+            " (WHERE process_id = '<uuid>', or a join with otel_processes); what they"
+            " materialise stays fresh, and the wide query then only reads. For"
+            " otel_service_map(begin, end), call it on a shorter range first. Or raise the"
+            " limit: ALTER SERVER otel_spans_server OPTIONS (SET max_stale_spans '10000000')"
+            " (ADD the first time).",
+        )
+
     def _window_processes(self, window: TimeWindow) -> list[uuid.UUID]:
         lim = self.limits
         assert window.begin is not None
-        end = window.end or dt.datetime.now(dt.UTC)
-        if end - window.begin > lim.max_window:
+        end = window.end or self.now or dt.datetime.now(dt.UTC)
+        if lim.max_window is not None and end - window.begin > lim.max_window:
             raise InvalidQueryError(
                 f"otel_spans: the time window {window} is wider than max_window"
                 f" ({_interval(lim.max_window)}) for a query without process_id or trace_id",
@@ -278,6 +308,56 @@ class SpansLake:
             )
         return report
 
+    def preview(
+        self, req: ScanRequest, columns: Sequence[str], limit: int
+    ) -> tuple[pa.RecordBatchReader, ScanReport]:
+        """``SELECT ... FROM otel_spans LIMIT n`` with no process, trace or window: the newest
+        partitions (by insert hour) until they hold ``limit`` spans, refreshed within the
+        guard, their rows newest first.  About the cost of a one-process scan."""
+        keys: list[tuple[uuid.UUID, dt.datetime]] = []
+        spans = 0
+        after: tuple[dt.datetime, uuid.UUID] | None = None
+        while spans < limit:
+            rows = self.conn.execute(
+                "SELECT process_id, date_bin('1 hour', insert_time, 'epoch') AS hour,"
+                " sum(nb_spans) FROM otel_blocks GROUP BY 1, 2"
+                " HAVING %(h)s::timestamptz IS NULL"
+                " OR (date_bin('1 hour', insert_time, 'epoch'), process_id) < (%(h)s, %(p)s)"
+                " ORDER BY 2 DESC, 1 DESC LIMIT %(n)s",
+                {"h": after and after[0], "p": after and after[1], "n": _PREVIEW_BATCH},
+            ).fetchall()
+            for pid, hour, n in rows:
+                if spans >= limit:
+                    break
+                keys.append((pid, hour))
+                spans += int(n)
+            if len(rows) < _PREVIEW_BATCH:
+                break
+            after = (rows[-1][1], rows[-1][0])
+        states = partitions.partition_states_for_keys(self.conn, keys)
+        self._check_work(states, len({k[0] for k in keys}))
+        scope = Scope(req, states, len({k[0] for k in keys}), "preview")
+        report = self._describe(scope)
+        self._refresh(scope, report)
+        files = self._files(scope, report)
+        cols = list(dict.fromkeys([*columns, "start_time"]))
+        reader, _ = parquet.open_scan(
+            self.store, [f.path for f in files], cols, request_expression(scope.req)
+        )
+        table = reader.read_all()
+        if table.num_rows:
+            table = table.sort_by([("start_time", "descending")]).slice(0, limit)
+        table = table.select(list(columns))
+        return pa.RecordBatchReader.from_batches(table.schema, table.to_batches()), report
+
+    def _refresh(self, scope: Scope, report: ScanReport) -> None:
+        if report.stale:
+            rs = refresh.refresh_partitions(self.conn, self.store, scope.states, warn=self.warn)
+            report.refreshed, report.reused = rs.partitions_refreshed, rs.partitions_reused
+            report.blocks_decoded, report.blocks_failed = rs.blocks_decoded, rs.blocks_failed
+        else:
+            report.reused = len(scope.states)
+
     def estimate(self, req: ScanRequest) -> int:
         """Rows a scan may return, from the blocks' span counts (no refresh, no file reads)."""
         if req.is_empty or route(req) == "none":
@@ -293,13 +373,7 @@ class SpansLake:
         """Refresh what the request needs and open the Arrow reader over its files."""
         scope = self.scope(req)
         report = self._describe(scope)
-        states = scope.states
-        if report.stale:
-            rs = refresh.refresh_partitions(self.conn, self.store, states, warn=self.warn)
-            report.refreshed, report.reused = rs.partitions_refreshed, rs.partitions_reused
-            report.blocks_decoded, report.blocks_failed = rs.blocks_decoded, rs.blocks_failed
-        else:
-            report.reused = len(states)
+        self._refresh(scope, report)
         files = self._files(scope, report)
         if scope.route == "trace":
             sel = self._select_row_groups(scope, files, report)
