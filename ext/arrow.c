@@ -1065,6 +1065,8 @@ choose_conv(ArrowTarget target, ArrowSource src, const ArrowColumn *col)
 				return CONV_INT_NUMERIC;
 			if (src == SRC_FLOAT32 || src == SRC_FLOAT64)
 				return CONV_FLOAT_NUMERIC;
+			if (src_is_utf8(src))
+				return CONV_STR_INPUT;	/* exact decimal text, any scale per row */
 			return src == SRC_DECIMAL ? CONV_DECIMAL : CONV_NONE;
 		case TARGET_TEXT:
 			return src_is_utf8(src) ? CONV_TEXT : CONV_NONE;

@@ -43,17 +43,6 @@ PG_MODULE_MAGIC;
 extern char *pyhost_venv;
 extern char *pyhost_python_path;
 
-/* Planning state of one foreign relation (baserel->fdw_private). */
-typedef struct PyhostRelInfo
-{
-	Oid			foreigntableid;
-	PyObject   *instance;		/* the wrapper, borrowed from the instance cache */
-	TupleDesc	tupdesc;		/* the table's columns */
-	Bitmapset  *attrs_used;		/* columns the query needs, attnum-offset */
-	double		rows;
-	int			width;
-} PyhostRelInfo;
-
 /* Slots of ForeignScan.fdw_private. */
 enum FdwScanPrivateIndex
 {
@@ -142,6 +131,7 @@ otelspans_fdw_handler(PG_FUNCTION_ARGS)
 	routine->GetForeignRelSize = pyhostGetForeignRelSize;
 	routine->GetForeignPaths = pyhostGetForeignPaths;
 	routine->GetForeignPlan = pyhostGetForeignPlan;
+	routine->GetForeignUpperPaths = pyhostGetForeignUpperPaths;
 
 	/* Execution */
 	routine->BeginForeignScan = pyhostBeginForeignScan;
@@ -588,9 +578,14 @@ pyhostGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 	List	   *columns = NIL;
 	List	   *qual_texts = NIL;
 	List	   *context;
-	Bitmapset  *attrs_used = bms_copy(info->attrs_used);
-	TupleDesc	tupdesc = info->tupdesc;
+	Bitmapset  *attrs_used;
+	TupleDesc	tupdesc;
 	ListCell   *lc;
+
+	if (IS_UPPER_REL(baserel))
+		return pyhost_upper_plan(root, baserel, best_path, tlist, outer_plan);
+	attrs_used = bms_copy(info->attrs_used);
+	tupdesc = info->tupdesc;
 
 	/* Parameterized paths move join clauses here; their columns are needed too. */
 	foreach(lc, scan_clauses)
@@ -663,12 +658,18 @@ pyhostBeginForeignScan(ForeignScanState *node, int eflags)
 {
 	ForeignScan *fsplan = (ForeignScan *) node->ss.ps.plan;
 	Relation	rel = node->ss.ss_currentRelation;
-	TupleDesc	tupdesc = RelationGetDescr(rel);
-	PyhostScanState *st = palloc0(sizeof(PyhostScanState));
+	TupleDesc	tupdesc = rel ? RelationGetDescr(rel) : NULL;
+	PyhostScanState *st;
 	List	   *private = fsplan->fdw_private;
 	MemoryContextCallback *cb;
 	ListCell   *lc;
 
+	if (fsplan->scan.scanrelid == 0)
+	{
+		pyhost_upper_begin(node, eflags);
+		return;
+	}
+	st = palloc0(sizeof(PyhostScanState));
 	node->fdw_state = st;
 	if (eflags & EXEC_FLAG_EXPLAIN_ONLY)
 		return;
@@ -881,6 +882,8 @@ pyhostIterateForeignScan(ForeignScanState *node)
 	TupleTableSlot *slot = node->ss.ss_ScanTupleSlot;
 	PyObject   *row;
 
+	if (((ForeignScan *) node->ss.ps.plan)->scan.scanrelid == 0)
+		return pyhost_upper_iterate(node);
 	ExecClearTuple(slot);
 	if (!st->started)
 		start_scan(node);
@@ -941,6 +944,11 @@ reset_scan(PyhostScanState *st)
 static void
 pyhostReScanForeignScan(ForeignScanState *node)
 {
+	if (((ForeignScan *) node->ss.ps.plan)->scan.scanrelid == 0)
+	{
+		pyhost_upper_rescan(node);
+		return;
+	}
 	reset_scan(node->fdw_state);
 }
 
@@ -949,6 +957,11 @@ pyhostEndForeignScan(ForeignScanState *node)
 {
 	PyhostScanState *st = node->fdw_state;
 
+	if (((ForeignScan *) node->ss.ps.plan)->scan.scanrelid == 0)
+	{
+		pyhost_upper_end(node);
+		return;
+	}
 	if (st == NULL || st->scan_cxt == NULL)
 		return;
 	reset_scan(st);
@@ -966,8 +979,8 @@ pyhostExplainForeignScan(ForeignScanState *node, ExplainState *es)
 	ForeignScan *fsplan = (ForeignScan *) node->ss.ps.plan;
 	List	   *private = fsplan->fdw_private;
 	Relation	rel = node->ss.ss_currentRelation;
-	TupleDesc	tupdesc = RelationGetDescr(rel);
-	PyObject   *instance = pyhost_get_instance(RelationGetRelid(rel), NULL);
+	TupleDesc	tupdesc;
+	PyObject   *instance;
 	List	   *quals = NIL;
 	List	   *names = NIL;
 	PyObject   *py_quals;
@@ -976,6 +989,13 @@ pyhostExplainForeignScan(ForeignScanState *node, ExplainState *es)
 	PyObject   *lines;
 	ListCell   *lc;
 
+	if (fsplan->scan.scanrelid == 0)
+	{
+		pyhost_upper_explain(node, es);
+		return;
+	}
+	tupdesc = RelationGetDescr(rel);
+	instance = pyhost_get_instance(RelationGetRelid(rel), NULL);
 	foreach(lc, (List *) list_nth(private, FdwScanPrivateQuals))
 		quals = lappend(quals, pyhost_qual_from_private(lfirst(lc), fsplan->fdw_exprs));
 	foreach(lc, (List *) list_nth(private, FdwScanPrivateColumns))

@@ -12,6 +12,7 @@
  *	python.c	the embedded interpreter, errors, signals, value conversion
  *	arrow.c		Arrow C Data Interface -> tuples, column by column
  *	functions.c	SQL-callable functions (the Python call bridge)
+ *	upper.c		grouping, aggregates, ORDER BY and LIMIT pushed to the wrapper
  *
  * IDENTIFICATION
  *		  ext/otelspans.h
@@ -28,8 +29,11 @@
 #include "postgres.h"
 
 #include "access/tupdesc.h"
+#include "commands/explain.h"
 #include "fmgr.h"
 #include "executor/tuptable.h"
+#include "nodes/execnodes.h"
+#include "nodes/plannodes.h"
 #include "nodes/pathnodes.h"
 #include "nodes/pg_list.h"
 #include "utils/palloc.h"
@@ -207,5 +211,45 @@ extern void arrow_scan_end(ArrowScan *scan);
 /* Does this Python object offer Arrow data? */
 extern bool arrow_has_stream(PyObject *obj);
 extern bool arrow_has_array(PyObject *obj);
+
+/* ---------------------------------------------------------------------
+ * fdw.c
+ * ---------------------------------------------------------------------
+ */
+
+/* Planning state of one foreign relation (baserel->fdw_private). */
+typedef struct PyhostRelInfo
+{
+	Oid			foreigntableid;
+	PyObject   *instance;		/* the wrapper, borrowed from the instance cache */
+	TupleDesc	tupdesc;		/* the table's columns */
+	Bitmapset  *attrs_used;		/* columns the query needs, attnum-offset */
+	double		rows;
+	int			width;
+} PyhostRelInfo;
+
+/* ---------------------------------------------------------------------
+ * upper.c
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * GetForeignUpperPaths: grouping with aggregates, and ORDER BY ... LIMIT,
+ * offered to wrappers with can_pushdown_upper()/execute_upper().
+ */
+extern void pyhostGetForeignUpperPaths(PlannerInfo *root, UpperRelationKind stage,
+									   RelOptInfo *input_rel, RelOptInfo *output_rel,
+									   void *extra);
+
+/* GetForeignPlan of such a path (foreignrel is an upper relation). */
+extern ForeignScan *pyhost_upper_plan(PlannerInfo *root, RelOptInfo *foreignrel,
+									  ForeignPath *best_path, List *tlist, Plan *outer_plan);
+
+/* The executor callbacks of an upper scan (ForeignScan with scanrelid 0). */
+extern void pyhost_upper_begin(ForeignScanState *node, int eflags);
+extern TupleTableSlot *pyhost_upper_iterate(ForeignScanState *node);
+extern void pyhost_upper_rescan(ForeignScanState *node);
+extern void pyhost_upper_end(ForeignScanState *node);
+extern void pyhost_upper_explain(ForeignScanState *node, ExplainState *es);
 
 #endif							/* OTELSPANS_H */

@@ -66,6 +66,7 @@ except ImportError:
 
 from otelspans_fdw import backend, db
 from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
+from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import store_from_options
 from otelspans_fdw.quals import ScanRequest, scan_request, session_zone
@@ -247,6 +248,24 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             (("process_id",), max(self._path_rows[1], 1)),
             (("trace_id",), max(self.rows_per_trace, 1)),
         ]
+
+    def can_pushdown_upper(self, query: dict[str, Any]) -> bool:
+        """Grouping, aggregates and top-N are answered on the Parquet columns when every
+        condition can be applied exactly (our host only; see multicorn_api)."""
+        return aggregate.accepts(query)
+
+    def execute_upper(self, query: dict[str, Any]) -> Any:
+        """The pushed-down query's rows as an Arrow table (:mod:`otelspans_fdw.lake.aggregate`)."""
+        req = self._request(query["quals"])
+        if route(req) == "none":
+            raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
+        lake = self._lake()
+
+        def scan(r: ScanRequest, cols: list[str]) -> pa.RecordBatchReader:
+            reader, self.last_report = lake.scan(r, cols)
+            return reader
+
+        return aggregate.answer(query, req, scan)
 
     def explain(
         self,

@@ -11,7 +11,11 @@ semantics follow multicorn2, so that a wrapper written as::
 
 behaves the same under both hosts.  Differences that a wrapper can observe are deliberate
 and only additive: ``execute`` may return Arrow data (anything with ``__arrow_c_stream__``,
-or an iterable of objects with ``__arrow_c_array__``), which our host converts in C.
+or an iterable of objects with ``__arrow_c_array__``), which our host converts in C; and a
+wrapper may answer grouping, aggregates and ``ORDER BY ... LIMIT`` itself through
+:meth:`ForeignDataWrapper.can_pushdown_upper` / :meth:`ForeignDataWrapper.execute_upper`
+(never called by multicorn2, so a wrapper that has them still runs there, with PostgreSQL doing
+that work).
 """
 
 from __future__ import annotations
@@ -163,6 +167,62 @@ class ForeignDataWrapper(ABC):
     def can_limit(self, limit: int | None, offset: int | None) -> bool:
         """Whether the wrapper can apply LIMIT/OFFSET itself."""
         return False
+
+    def can_pushdown_upper(self, query: dict[str, Any]) -> bool:
+        """Whether :meth:`execute_upper` answers ``query`` exactly (our host only; default no).
+
+        Asked while planning a query over this table alone whose top is a grouping with
+        aggregates, or an ``ORDER BY ... LIMIT`` (top-N) over the table's rows or over such a
+        grouping.  ``query`` is a dict:
+
+        ``quals``
+            every condition of the WHERE clause as :class:`Qual` objects.  Nothing is rechecked
+            above the wrapper, so it must apply *all* of them exactly, or refuse.  While
+            planning, values are not known yet (parameters, ``now()``) and are ``None``.
+        ``grouped``
+            True for a grouping (then ``group_by`` and ``aggregates`` are lists, or None when
+            empty), absent for rows (then ``columns``).
+        ``group_by``
+            list of group keys (None: one group over all rows), each a dict
+            with ``output`` (the Arrow field name to return) and either ``{"column": c}``, or
+            ``{"function": "date_trunc", "unit": u, "column": c}`` (``u`` one of
+            microseconds, milliseconds, second, minute, hour, day, week, month, quarter, year;
+            local time at the session's fixed UTC offset, see ``utc_offset``), or
+            ``{"function": "date_bin", "stride_us": n, "origin_us": n, "column": c}``
+            (microseconds; origin since 1970-01-01 UTC), or ``{"condition": cond}`` (a
+            boolean key such as ``parent_span_id IS NULL``).
+        ``aggregates``
+            list (present for a grouping) of dicts: ``output``, ``function`` (count, sum, avg,
+            min, max, bool_or, bool_and, percentile_cont, percentile_disc), ``column`` (or
+            None for ``count(*)`` and bool_or/bool_and), ``argument`` (the condition of
+            bool_or/bool_and), ``distinct`` (``count(DISTINCT column)``), ``filter`` (the
+            ``FILTER (WHERE ...)`` condition or None), ``fraction`` (a float or a list of
+            floats for the percentiles) and ``type``, the SQL result type to return
+            (``bigint``, ``numeric``, ``double precision``, ``double precision[]``, ...).
+            Conditions are lists: ``["and"|"or", [c, ...]]``, ``["not", c]``,
+            ``["cmp", column, op, value]`` (op one of = <> < <= > >=),
+            ``["is_null"|"is_not_null", column]``, ``["in"|"not_in", column, [values]]``,
+            ``["const", True|False|None]``, with SQL's three-valued logic.
+        ``columns``
+            (no grouping) the columns to return, for a top-N over the table's rows.
+        ``order_by``
+            None, or a list of ``{"output", "descending", "nulls_first"}``: an output of the
+            grouping, or (no grouping) one of ``columns``.  Ties may come in any order.
+        ``limit`` / ``offset``
+            None / 0, or the LIMIT and OFFSET to apply after the ordering.
+
+        At execution the dict also has ``utc_offset`` (seconds east of UTC of the session's
+        TimeZone, or None when it has no fixed offset) and ``matches_nothing`` (a condition
+        compared a column with NULL).
+        """
+        return False
+
+    def execute_upper(self, query: dict[str, Any]) -> Any:
+        """The answer to ``query`` (see :meth:`can_pushdown_upper`) as Arrow data with one field
+        per ``output`` (or per column of ``columns``).  Values of SQL types without an Arrow
+        type of their own (numeric, arrays) are given as text in PostgreSQL's input syntax;
+        numeric text must carry the scale PostgreSQL would give (``avg`` of integers...)."""
+        raise NotImplementedError("execute_upper")
 
     def explain(
         self,
