@@ -119,6 +119,7 @@ _PG_init(void)
 							   "Read when the interpreter starts in a backend.",
 							   &pyhost_python_path, "", PGC_SUSET, 0,
 							   NULL, NULL, NULL);
+	pyhost_upper_init();
 	MarkGUCPrefixReserved("otelspans");
 }
 

@@ -233,6 +233,9 @@ typedef struct PyhostRelInfo
  * ---------------------------------------------------------------------
  */
 
+/* Define the otelspans.pushdown_upper setting (from _PG_init). */
+extern void pyhost_upper_init(void);
+
 /*
  * GetForeignUpperPaths: grouping with aggregates, and ORDER BY ... LIMIT,
  * offered to wrappers with can_pushdown_upper()/execute_upper().

@@ -63,6 +63,7 @@
 #include "pgtime.h"
 #include "rewrite/rewriteManip.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/pg_locale.h"
@@ -72,6 +73,9 @@
 #include "utils/timestamp.h"
 
 #define UPPER_MAGIC 0x55505052	/* "UPPR": fdw_private of an upper rel is ours */
+
+/* otelspans.pushdown_upper: off plans every query as before (for comparisons). */
+static bool pushdown_upper = true;
 
 /* What one stage of the upper planning knows (output_rel->fdw_private). */
 typedef struct UpperRelInfo
@@ -1279,10 +1283,19 @@ add_final_path(PlannerInfo *root, RelOptInfo *input_rel, RelOptInfo *final_rel,
 }
 
 void
+pyhost_upper_init(void)
+{
+	DefineCustomBoolVariable("otelspans.pushdown_upper",
+							 "Offers grouping, aggregates and ORDER BY ... LIMIT to wrappers that answer them.",
+							 "Off: PostgreSQL computes them over the scan, as under multicorn2.",
+							 &pushdown_upper, true, PGC_USERSET, 0, NULL, NULL, NULL);
+}
+
+void
 pyhostGetForeignUpperPaths(PlannerInfo *root, UpperRelationKind stage, RelOptInfo *input_rel,
 						   RelOptInfo *output_rel, void *extra)
 {
-	if (output_rel->fdw_private != NULL)
+	if (output_rel->fdw_private != NULL || !pushdown_upper)
 		return;
 	switch (stage)
 	{
