@@ -1029,6 +1029,7 @@ pyhostExplainForeignScan(ForeignScanState *node, ExplainState *es)
 	{
 		PyObject   *iter = pyhost_check(PyObject_GetIter(lines), "explain must return lines");
 		PyObject   *line;
+		List	   *wrapper_lines = NIL;
 
 		Py_DECREF(lines);
 		while ((line = PyIter_Next(iter)) != NULL)
@@ -1038,12 +1039,24 @@ pyhostExplainForeignScan(ForeignScanState *node, ExplainState *es)
 			Py_DECREF(line);
 			if (s == NULL)
 				break;
-			ExplainPropertyText("Wrapper", PyUnicode_AsUTF8(s), es);
+			wrapper_lines = lappend(wrapper_lines, pstrdup(PyUnicode_AsUTF8(s)));
 			Py_DECREF(s);
 		}
 		Py_DECREF(iter);
 		if (PyErr_Occurred())
 			pyhost_report_error("explain");
+
+		/*
+		 * One "Wrapper: ..." line each in text; one key holding the list in
+		 * JSON, YAML and XML, where a repeated key is not a valid document.
+		 */
+		if (es->format == EXPLAIN_FORMAT_TEXT)
+		{
+			foreach(lc, wrapper_lines)
+				ExplainPropertyText("Wrapper", lfirst(lc), es);
+		}
+		else if (wrapper_lines != NIL)
+			ExplainPropertyList("Wrapper", wrapper_lines, es);
 	}
 
 	if (es->verbose)

@@ -407,6 +407,7 @@ pyhost_report_error(const char *context)
 	char	   *traceback = NULL;
 	char	   *typename = NULL;
 	bool		interrupted;
+	bool		refusal;
 	int			code = ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
 
 	PyErr_Fetch(&type, &value, &tb);
@@ -423,7 +424,16 @@ pyhost_report_error(const char *context)
 	sqlstate = attr_str_dup(value, "sqlstate");
 	if (PyType_Check(type))
 		typename = pstrdup(((PyTypeObject *) type)->tp_name);
-	if (!interrupted && traceback_format != NULL)
+
+	/*
+	 * A refusal the wrapper raised on purpose (an error carrying its own
+	 * SQLSTATE and a hint attribute, as otelspans' errors do) is the user's
+	 * to read, not a failure: its traceback would only flood the server log.
+	 * Everything else, internal errors (XX000) included, keeps it.
+	 */
+	refusal = value != NULL && sqlstate != NULL && strlen(sqlstate) == 5 &&
+		strcmp(sqlstate, "XX000") != 0 && PyObject_HasAttrString(value, "hint");
+	if (!interrupted && !refusal && traceback_format != NULL)
 	{
 		PyObject   *lines = PyObject_CallFunctionObjArgs(traceback_format, type,
 														 value ? value : Py_None,

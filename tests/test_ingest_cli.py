@@ -64,7 +64,10 @@ def test_generate_raw_is_deterministic_and_idempotent(receiver) -> None:
     ]
     first = otelspans(*args)
     assert first.returncode == 0, first.stderr
-    assert "spans/s" in first.stderr  # the progress display
+    assert "spans/s" in first.stderr  # the progress display...
+    # ...off a terminal: whole lines, no carriage return, a final newline
+    assert "\r" not in first.stderr and first.stderr.endswith("\n")
+    assert all(ln.startswith("sent ") for ln in first.stderr.splitlines() if "spans/s" in ln)
     rows = block_rows(receiver.dsn)
     assert sum(r[2] for r in rows) == json.loads(first.stdout)["spans"] >= 3000
     assert otelspans(*args).returncode == 0

@@ -380,3 +380,38 @@ def test_reader_preview_and_dashboard_ranges(rdb: RolesDB) -> None:
         ):
             c.execute(stmt).fetchall()
     assert newest  # the ingest helper's rows exist
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), keys
+    return dict(pairs)
+
+
+def test_explain_documents_are_valid_and_refusals_log_no_traceback(rdb: RolesDB) -> None:
+    import json
+    import xml.etree.ElementTree as ET
+
+    q = f"SELECT * FROM otel_spans WHERE process_id = '{rdb.pids[0]}'"
+    with rdb.login(READER, READER_PW) as c:
+        doc = c.execute(f"EXPLAIN (FORMAT JSON) {q}").fetchone()[0]  # type: ignore[index]
+        plan = json.loads(json.dumps(doc), object_pairs_hook=_no_duplicate_keys)[0]["Plan"]
+        assert plan["Node Type"] == "Foreign Scan"
+        assert isinstance(plan["Wrapper"], list) and plan["Wrapper"][0] == "Found by: process"
+        xml = c.execute(f"EXPLAIN (FORMAT XML) {q}").fetchone()[0]  # type: ignore[index]
+        node = ET.fromstring(xml).find(".//{http://www.postgresql.org/2009/explain}Wrapper")
+        assert node is not None and len(node) == len(plan["Wrapper"])
+        yaml = c.execute(f"EXPLAIN (FORMAT YAML) {q}").fetchone()[0]  # type: ignore[index]
+        assert yaml.count("Wrapper:") == 1
+        text = [r[0] for r in c.execute(f"EXPLAIN {q}")]
+        assert sum(ln.strip().startswith("Wrapper: ") for ln in text) == len(plan["Wrapper"])
+
+        logfile = rdb.cluster.logfile
+        start = logfile.stat().st_size
+        with pytest.raises(errors.InvalidParameterValue):
+            c.execute("SELECT * FROM otel_spans WHERE name = 'charge'")
+        with open(logfile, errors="replace") as f:
+            f.seek(start)
+            logged = f.read()
+        assert "needs a process_id, trace_id or time window condition" in logged
+        assert "Traceback" not in logged

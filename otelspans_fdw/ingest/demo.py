@@ -362,26 +362,35 @@ def encode_requests(model: TraceModel, n_spans: int, batch: int) -> list[bytes]:
 
 
 class Progress:
-    """A one-line progress display on stderr."""
+    """Progress on stderr: one line redrawn in place on a terminal; elsewhere (a log file, a
+    pipe, CI) a whole line every few seconds, so the output stays readable and ends with a
+    newline."""
+
+    #: seconds between lines off a terminal
+    LOG_INTERVAL = 5.0
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
         self.t0 = time.monotonic()
         self.last = 0.0
 
     def update(self, spans: int, failed: int, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 0.25):
+        interval = 0.25 if self.tty else self.LOG_INTERVAL
+        if not self.enabled or (not force and now - self.last < interval):
             return
         self.last = now
         rate = spans / max(now - self.t0, 1e-9)
         pct = 100.0 * spans / max(self.total, 1)
-        sys.stderr.write(
-            f"\rsent {spans:>10,} / {self.total:,} spans ({pct:5.1f}%)  "
+        line = (
+            f"sent {spans:>10,} / {self.total:,} spans ({pct:5.1f}%)  "
             f"{rate:>10,.0f} spans/s  failed requests {failed}"
         )
-        if force:
-            sys.stderr.write("\n")
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if force else ""))
+        else:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
 
