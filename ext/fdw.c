@@ -239,14 +239,22 @@ pyhostGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 	{
 		double		rows;
 		int			width;
+		double		total_cost = -1.0;
 
-		if (!PyArg_ParseTuple(res, "di", &rows, &width))
+		/*
+		 * A third element (this host's extension of the Multicorn2 API) is the
+		 * total cost of a scan without parameters: a wrapper that cannot run
+		 * such a scan makes it lose to the parameterized paths while its row
+		 * estimate stays sane for the joins above.
+		 */
+		if (!PyArg_ParseTuple(res, "di|d", &rows, &width, &total_cost))
 		{
 			Py_DECREF(res);
-			pyhost_report_error("get_rel_size must return (rows, width)");
+			pyhost_report_error("get_rel_size must return (rows, width[, total_cost])");
 		}
 		info->rows = rows;
 		info->width = width;
+		info->total_cost = total_cost;
 	}
 	Py_DECREF(res);
 	baserel->rows = clamp_row_est(info->rows);
@@ -491,10 +499,18 @@ pyhostGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 	double		per_row = cpu_tuple_cost * 2 + info->width * 0.0001;
 	List	   *sortkeys;
 
+	Cost		total_cost = startup_cost + baserel->rows * per_row;
+
+	/*
+	 * The wrapper's own cost of an unparameterized scan matters only where
+	 * a parameterized path (a join) may replace it; alone in its query the
+	 * scan is the only path, and an inflated cost would only turn on JIT.
+	 */
+	if (info->total_cost >= 0 && bms_membership(root->all_baserels) != BMS_SINGLETON)
+		total_cost = info->total_cost;
 	add_path(baserel, (Path *)
 			 create_foreignscan_path(root, baserel, NULL, baserel->rows, startup_cost,
-									 startup_cost + baserel->rows * per_row, NIL,
-									 NULL, NULL, NIL));
+									 total_cost, NIL, NULL, NULL, NIL));
 
 	add_parameterized_paths(root, baserel, instance, tupdesc, startup_cost, per_row);
 

@@ -226,6 +226,7 @@ typedef struct PyhostRelInfo
 	Bitmapset  *attrs_used;		/* columns the query needs, attnum-offset */
 	double		rows;
 	int			width;
+	double		total_cost;		/* of the unparameterized scan, or -1: computed */
 } PyhostRelInfo;
 
 /* ---------------------------------------------------------------------

@@ -15,6 +15,9 @@ Rules (PostgreSQL rechecks every qual, so anything we do not understand is simpl
   arrives as two quals).  Any row satisfying the quals overlaps the window, so the store is
   scanned with the overlap filter ``start_time <= end AND end_time >= begin``; spans crossing
   the edges survive.  The comparisons themselves are also pushed as exact predicates.
+* ``service_name``, ``exe``, ``computer`` (``=``, ``IN``): process attributes, so they name
+  processes as ``process_id`` does (``process_attrs``; the lake looks the ids up in
+  ``otel_processes``).  They stay ordinary predicates too.
 * ``timestamp`` (without time zone) and ``date`` values (what JDBC's ``LocalDateTime`` and a
   date picker send) are windows too: PostgreSQL compares them with ``timestamptz`` in the
   session's ``TimeZone``, so they are read as local times of that zone (``timezone`` argument
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 __all__ = [
+    "PROCESS_ATTRS",
     "Op",
     "Predicate",
     "QualLike",
@@ -143,6 +147,8 @@ class ScanRequest:
     window: TimeWindow = field(default_factory=TimeWindow)
     predicates: tuple[Predicate, ...] = ()
     matches_nothing: bool = False
+    #: (column, values) of process attributes given by = or IN: they select processes
+    process_attrs: tuple[tuple[str, frozenset[str]], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -151,6 +157,7 @@ class ScanRequest:
             or self.window.is_empty
             or self.process_ids == frozenset()
             or self.trace_ids == frozenset()
+            or any(not vals for _, vals in self.process_attrs)
         )
 
 
@@ -275,6 +282,7 @@ def scan_request(quals: Iterable[QualLike], *, timezone: Any = None) -> ScanRequ
     tids: frozenset[str] | None = None
     window = TimeWindow()
     preds: list[Predicate] = []
+    attrs: dict[str, frozenset[str]] = {}
     nothing = False
     for q in quals:
         col = q.field_name
@@ -306,7 +314,14 @@ def scan_request(quals: Iterable[QualLike], *, timezone: Any = None) -> ScanRequ
         p = _predicate(q)
         if p is not None:
             preds.append(p)
-    return ScanRequest(pids, tids, window, tuple(preds), nothing)
+            if col in PROCESS_ATTRS and p.op in ("=", "in"):
+                vals = frozenset(p.value if p.op == "in" else (p.value,))
+                attrs[col] = vals if col not in attrs else attrs[col] & vals
+    return ScanRequest(pids, tids, window, tuple(preds), nothing, tuple(sorted(attrs.items())))
+
+
+#: Process attributes (columns of ``otel_processes``) whose = / IN quals select processes.
+PROCESS_ATTRS = ("service_name", "exe", "computer")
 
 
 def _trace_ids(value: Any, any_all: bool | None) -> frozenset[str]:

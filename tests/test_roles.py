@@ -415,3 +415,43 @@ def test_explain_documents_are_valid_and_refusals_log_no_traceback(rdb: RolesDB)
             logged = f.read()
         assert "needs a process_id, trace_id or time window condition" in logged
         assert "Traceback" not in logged
+
+
+def test_process_attributes_select_processes_and_joins_estimate_sanely(rdb: RolesDB) -> None:
+    import json
+
+    want = rdb.ing.expected()
+    with rdb.login(READER, READER_PW) as c:
+        for cond, keep in (
+            ("service_name = 'cart'", lambda r: r["service_name"] == "cart"),
+            ("service_name IN ('cart', 'pay')", lambda r: r["service_name"] in ("cart", "pay")),
+            (
+                "computer = 'host-a' AND service_name = 'ship'",
+                lambda r: r["service_name"] == "ship",
+            ),
+            ("service_name = 'nope'", lambda r: False),
+        ):
+            got = c.execute(f"SELECT count(*) FROM otel_spans WHERE {cond}").fetchone()
+            assert got == (sum(1 for r in want if keep(r)),), cond
+        lines = [r[0] for r in c.execute("EXPLAIN SELECT * FROM otel_spans WHERE exe = 'x/y'")]
+        assert any("Found by: process" in ln for ln in lines)
+
+        join = (
+            "SELECT p.exe, count(*) FROM otel_processes p JOIN otel_spans s USING (process_id)"
+            " WHERE p.service_name = 'pay' GROUP BY 1"
+        )
+        doc = c.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {join}").fetchone()[0]  # type: ignore[index]
+        top = json.loads(json.dumps(doc))[0]
+        assert "JIT" not in top  # the plan's cost stays under jit_above_cost
+        assert top["Plan"]["Total Cost"] < 100000
+
+        def rows_of(node: dict) -> list[tuple[str, float]]:
+            out = [(node["Node Type"], node["Plan Rows"])]
+            for child in node.get("Plans", []):
+                out += rows_of(child)
+            return out
+
+        assert all(rows < 10**6 for _, rows in rows_of(top["Plan"])), rows_of(top["Plan"])
+        assert c.execute(join).fetchall() == [
+            ("pay", sum(1 for r in want if r["service_name"] == "pay"))
+        ]

@@ -66,7 +66,7 @@ Route = Literal["process", "trace", "window", "preview", "none"]
 
 def route(req: ScanRequest) -> Route:
     """How a scan finds its partitions; ``none``: it cannot (the wrapper refuses the query)."""
-    if req.process_ids is not None:
+    if req.process_ids is not None or req.process_attrs:
         return "process"
     if req.trace_ids is not None:
         return "trace"
@@ -163,6 +163,22 @@ class SpansLake:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def _processes(self, req: ScanRequest) -> list[uuid.UUID]:
+        """The known processes named by ``process_id`` and by process attributes (all of the
+        conditions hold: PostgreSQL ANDs them)."""
+        if not req.process_attrs:
+            return self.existing_processes(sorted(req.process_ids or ()))
+        where = [f"{col} = ANY(%s)" for col, _ in req.process_attrs]
+        params: list[object] = [sorted(vals) for _, vals in req.process_attrs]
+        if req.process_ids is not None:
+            where.append("process_id = ANY(%s)")
+            params.append(sorted(req.process_ids))
+        rows = self.conn.execute(
+            "SELECT process_id FROM otel_processes WHERE " + " AND ".join(where) + " ORDER BY 1",
+            params,
+        ).fetchall()
+        return [r[0] for r in rows]
+
     # -- scope: which partitions, by which route --------------------------------------------
 
     def scope(self, req: ScanRequest) -> Scope:
@@ -172,7 +188,7 @@ class SpansLake:
         if req.is_empty:
             return Scope(req, [], 0, r)
         if r == "process":
-            pids = self.existing_processes(sorted(req.process_ids or ()))
+            pids = self._processes(req)
             states = partitions.partition_states(self.conn, pids, req.window)
             return Scope(req, states, len(pids), r)
         if r == "trace":
