@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := postgresql-15 postgresql-server-dev-15 python3-dev python3-venv libpython3.11-dev \
-	gcc make
+	gcc make libpostgresql-jdbc-java
+# The JDBC test compiles a small Java program: any JDK will do, Debian's default if none.
+JDK_PACKAGE := default-jdk-headless
 PYTEST_ARGS ?=
 
 .PHONY: all install deps venv python-package ext ext-install test lint bench demo demo-stop clean
@@ -23,6 +25,7 @@ deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	command -v javac >/dev/null 2>&1 || missing="$$missing $(JDK_PACKAGE)"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

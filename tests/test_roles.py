@@ -455,3 +455,48 @@ def test_process_attributes_select_processes_and_joins_estimate_sanely(rdb: Role
         assert c.execute(join).fetchall() == [
             ("pay", sum(1 for r in want if r["service_name"] == "pay"))
         ]
+
+
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc-java
+
+
+def test_jdbc_driver_as_a_reader(rdb: RolesDB, tmp_path: Path) -> None:
+    """The PostgreSQL JDBC driver, as DBeaver or Metabase use it, over scram."""
+    src = Path(__file__).resolve().parent / "jdbc" / "ReaderProbe.java"
+    subprocess.run(
+        ["javac", "-d", str(tmp_path), "-cp", str(JDBC_JAR), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    pid = rdb.pids[0]
+    r = subprocess.run(
+        [
+            "java",
+            "-Duser.timezone=Europe/Paris",  # the session TimeZone pgjdbc sets
+            "-cp",
+            f"{tmp_path}:{JDBC_JAR}",
+            "ReaderProbe",
+            f"jdbc:postgresql://127.0.0.1:{rdb.cluster.port}/{DBNAME}",
+            READER,
+            READER_PW,
+            str(pid),
+            since.isoformat(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    out: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        k, v = line.split("=", 1)
+        out.setdefault(k, []).append(v)
+    assert out["table"] == ["otelspans.otel_spans:FOREIGN TABLE"]
+    want = rdb.ing.expected()
+    assert out["preview"] == [str(min(200, len(want)))]
+    recent = str(sum(1 for r in want if r["start_time"] >= since))
+    for i in range(10):
+        assert out[f"local{i}"] == [recent], i
+        assert out[f"offset{i}"] == [recent], i
+    assert out["cursor"] == [str(sum(1 for r in want if r["process_id"] == pid))]
