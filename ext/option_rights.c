@@ -37,7 +37,7 @@
 /* Where the wrapper connects, which files and endpoints, how much one query may do. */
 static const char *const server_options[] = {
 	"dsn", "store", "aws_endpoint_url", "endpoint", "aws_region", "region",
-	"aws_credentials", "max_window", "max_processes", "max_stale_spans", NULL
+	"aws_credentials", "max_window", "max_processes", "max_stale_spans", "shared_files", NULL
 };
 
 /* The lake's credentials: server or user mapping, written by a superuser. */

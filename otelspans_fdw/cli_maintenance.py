@@ -3,7 +3,8 @@
 Kept apart from :mod:`otelspans_fdw.cli` (which lists ``add_retention`` and ``add_publish`` in
 its ``SUBCOMMANDS``) so that operations code does not grow the receiver's dispatcher.  Both
 print their counts as one JSON object, for scripts and cron mails alike.  The store comes from
-``--store`` (S3 credentials from the ``AWS_*`` variables); the SQL functions
+``--store``, else ``OTELSPANS_STORE``, else the store the receiver recorded (S3 credentials
+from the ``AWS_*`` variables); the SQL functions
 ``otel_retention`` / ``otel_publish`` do the same work from inside PostgreSQL.
 """
 
@@ -12,6 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
+
+from otelspans_fdw.exceptions import ConfigurationError
+from otelspans_fdw.objstore import ObjectStore
 
 __all__ = ["add_publish", "add_retention", "cmd_publish", "cmd_retention"]
 
@@ -21,8 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
         default=None,
-        help="object store: directory or s3://bucket/prefix (default $OTELSPANS_STORE "
-        "or ./otelspans-data); S3 credentials from the AWS_* variables",
+        help="object store: directory or s3://bucket/prefix (default $OTELSPANS_STORE, "
+        "else the store the receiver recorded); S3 credentials from the AWS_* variables",
     )
 
 
@@ -68,11 +73,10 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
     from otelspans_fdw import db
     from otelspans_fdw.lake import refresh, retention
-    from otelspans_fdw.objstore import open_store
 
     dsn = args.dsn if args.dsn is not None else db.default_dsn()
-    store = open_store(args.store)
     with db.connect(dsn, autocommit=True) as conn:
+        store = _recorded_store(conn, args.store)
         stats = retention.run(
             conn,
             dsn,
@@ -97,21 +101,44 @@ def add_publish(sub: argparse._SubParsersAction) -> None:
         default=int(os.environ.get("OTELSPANS_PUBLISH_BATCH", "500")),
         help="files per Iceberg snapshot",
     )
+    p.add_argument(
+        "--max-stale-spans",
+        type=int,
+        default=int(os.environ.get("OTELSPANS_MAX_STALE_SPANS", "2000000")),
+        help="most spans to materialise before publishing (default 2000000)",
+    )
     p.set_defaults(func=cmd_publish)
+
+
+def _recorded_store(conn: Any, given: str | None) -> ObjectStore:
+    """``--store``, else ``OTELSPANS_STORE``, else the store the receiver recorded in the
+    metadata database: never a made-up default, which would publish or delete nothing."""
+    from otelspans_fdw import db
+    from otelspans_fdw.objstore import open_store
+
+    url = given or os.environ.get("OTELSPANS_STORE") or db.setting(conn, db.STORE_URL_SETTING)
+    if not url:
+        raise ConfigurationError(
+            "no object store: the metadata database records none",
+            hint="Give --store (a directory or s3://bucket/prefix), or set OTELSPANS_STORE; a "
+            "receiver records its store when it starts.",
+        )
+    return open_store(url)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from otelspans_fdw import db
     from otelspans_fdw.lake import publish
-    from otelspans_fdw.lake.partitions import ensure_schema
-    from otelspans_fdw.objstore import open_store
+    from otelspans_fdw.objstore import file_mode, shared_files
 
     dsn = args.dsn if args.dsn is not None else db.default_dsn()
-    store = open_store(args.store)
     with db.connect(dsn, autocommit=True) as conn:
-        db.migrate(conn)
-        ensure_schema(conn)
-        stats = publish.publish(conn, dsn, store, batch=args.batch)
+        db.require_current(conn)
+        store = _recorded_store(conn, args.store)
+        with file_mode(shared_files()):
+            stats = publish.publish(
+                conn, dsn, store, batch=args.batch, max_stale_spans=args.max_stale_spans
+            )
     print(
         json.dumps({"added": stats.added, "removed": stats.removed, "snapshots": stats.snapshots})
     )

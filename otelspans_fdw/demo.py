@@ -26,6 +26,9 @@ from otelspans_fdw.devcluster import SERVICE_USER, LocalCluster
 DEFAULT_BASE = Path(os.environ.get("OTELSPANS_DEMO_DIR", "/var/lib/otelspans/demo"))
 DEFAULT_PORT = int(os.environ.get("OTELSPANS_DEMO_PGPORT", "5433"))
 DBNAME = "otelspans"
+#: A login with the reader grant only: the example queries run as it, as an analyst's would.
+READER = "otel_reader"
+READER_PASSWORD = os.environ.get("OTELSPANS_DEMO_READER_PASSWORD", "otel_reader")
 HTTP_PORT = int(os.environ.get("OTELSPANS_DEMO_HTTP_PORT", "4318"))
 GRPC_PORT = int(os.environ.get("OTELSPANS_DEMO_GRPC_PORT", "4317"))
 
@@ -110,6 +113,7 @@ def start(base: Path, port: int, spans: int) -> int:
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
         _set_server_option(c, "otel_spans_server", "store", str(store))
+        _reader_login(c)
     exe = Path(sys.executable).with_name("otelspans")
 
     if _receiver_pid(base) is None:
@@ -152,7 +156,7 @@ def start(base: Path, port: int, spans: int) -> int:
         check=True,
     )
     for title, sql in EXAMPLES:
-        print(f"\n== {title}\n{sql};\n", flush=True)
+        print(f"\n== {title} (as {READER})\n{sql};\n", flush=True)
         subprocess.run(
             [
                 "psql",
@@ -161,7 +165,7 @@ def start(base: Path, port: int, spans: int) -> int:
                 "-p",
                 str(port),
                 "-U",
-                "postgres",
+                READER,
                 "-d",
                 DBNAME,
                 "-v",
@@ -172,14 +176,33 @@ def start(base: Path, port: int, spans: int) -> int:
                 sql,
             ],
             check=True,
+            env={**os.environ, "PGPASSWORD": READER_PASSWORD},
         )
     print(
         "\nThe demo is running.\n"
-        f"  connect:  psql -h 127.0.0.1 -p {port} -U postgres {DBNAME}\n"
+        f"  connect as a reader (SELECT only, what an analyst or a BI tool gets):\n"
+        f"            PGPASSWORD={READER_PASSWORD}"
+        f" psql -h 127.0.0.1 -p {port} -U {READER} {DBNAME}\n"
+        f"            JDBC: jdbc:postgresql://127.0.0.1:{port}/{DBNAME}"
+        f" user {READER} password {READER_PASSWORD}\n"
+        f"  as the superuser: psql -h 127.0.0.1 -p {port} -U postgres {DBNAME}\n"
         f"  send OTLP: OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{HTTP_PORT}\n"
         "  stop:     make demo-stop"
     )
     return 0
+
+
+def _reader_login(conn: psycopg.Connection) -> None:
+    """The demo's reader: a login in the otelspans_reader group role, nothing else."""
+    from psycopg import sql
+
+    if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone():
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(READER), sql.Literal(READER_PASSWORD)
+            )
+        )
+    conn.execute(sql.SQL("GRANT otelspans_reader TO {}").format(sql.Identifier(READER)))
 
 
 def _set_server_option(conn: psycopg.Connection, server: str, name: str, value: str) -> None:

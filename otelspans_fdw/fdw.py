@@ -68,7 +68,7 @@ from otelspans_fdw import backend, db
 from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
 from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
-from otelspans_fdw.objstore import store_from_options
+from otelspans_fdw.objstore import file_mode, shared_files, store_from_options
 from otelspans_fdw.quals import ScanRequest, scan_request, session_zone
 from otelspans_fdw.schema import COLUMN_NAMES
 
@@ -189,12 +189,14 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     ) -> Any:
         """Arrow batches of the matching spans (PostgreSQL rechecks every qual)."""
         req = self._request(quals)
-        if route(req) == "none":
-            if limit is None or offset:
-                raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
-            reader, self.last_report = self._lake().preview(req, self._columns(columns), limit)
-        else:
-            reader, self.last_report = self._lake().scan(req, self._columns(columns))
+        with file_mode(shared_files(self.options)):  # a refresh writes partition files
+            if route(req) == "none":
+                if limit is None or offset:
+                    raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
+                lake = self._lake()
+                reader, self.last_report = lake.preview(req, self._columns(columns), limit)
+            else:
+                reader, self.last_report = self._lake().scan(req, self._columns(columns))
         if _OUR_HOST:
             return reader
         return _rows(reader)

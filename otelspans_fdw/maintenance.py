@@ -65,15 +65,17 @@ def _local_dsn() -> str:
     return info.dsn if info is not None else backend.default_dsn()
 
 
-def _configure(server: str) -> tuple[psycopg.Connection, str, ObjectStore]:
-    """Autocommit connection, DSN and store of ``server`` as seen by the current role."""
+def _configure(
+    server: str,
+) -> tuple[psycopg.Connection, str, ObjectStore, dict[str, str]]:
+    """Autocommit connection, DSN, store and options of ``server`` for the current role."""
     local = _local_dsn()
     with db.connect(local, autocommit=True) as probe:
         options = server_options(probe, server)
     dsn = options.get("dsn") or local
     conn = db.connect(dsn, autocommit=True)
     store = store_from_options(options, default=backend.default_store_url(conn))
-    return conn, dsn, store
+    return conn, dsn, store, options
 
 
 def retention(
@@ -88,7 +90,7 @@ def retention(
 
     if older_than_seconds < 0:
         raise ConfigurationError("older_than must not be negative")
-    conn, dsn, store = _configure(server)
+    conn, dsn, store, _ = _configure(server)
     with conn:
         stats = lake_retention.run(
             conn,
@@ -104,9 +106,11 @@ def retention(
 def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int]:
     """``otel_publish(...)``: register new partition files in the Iceberg table."""
     from otelspans_fdw.lake import publish as lake_publish
+    from otelspans_fdw.objstore import file_mode, shared_files
 
-    conn, dsn, store = _configure(server)
-    with conn:
+    conn, dsn, store, options = _configure(server)
+    limit = int(options.get("max_stale_spans", lake_publish.DEFAULT_MAX_STALE_SPANS))
+    with conn, file_mode(shared_files(options)):
         db.require_current(conn)
-        stats = lake_publish.publish(conn, dsn, store, batch=batch)
+        stats = lake_publish.publish(conn, dsn, store, batch=batch, max_stale_spans=limit)
     return {"added": stats.added, "removed": stats.removed, "snapshots": stats.snapshots}

@@ -23,11 +23,12 @@ For pyarrow readers (``pyarrow.parquet``), :attr:`ObjectStore.filesystem` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -427,3 +428,30 @@ def age_seconds(store: ObjectStore, path: str) -> float | None:
     """Seconds since ``path`` was last written (None if missing); used by orphan cleanup."""
     m = store.mtime(path)
     return None if m is None else time.time() - m
+
+
+#: Server option / environment variable: files and directories the lake writes (partitions,
+#: the Iceberg warehouse) are readable by every OS user, for an engine running as another one.
+SHARED_FILES_OPTION = "shared_files"
+SHARED_FILES_ENV = "OTELSPANS_SHARED_FILES"
+
+
+def shared_files(options: Mapping[str, str] | None = None) -> bool:
+    """Whether ``shared_files`` is on (server option, else the environment)."""
+    value = (options or {}).get(SHARED_FILES_OPTION) or os.environ.get(SHARED_FILES_ENV, "")
+    return value.strip().lower() in ("on", "true", "yes", "1")
+
+
+@contextlib.contextmanager
+def file_mode(shared: bool) -> Iterator[None]:
+    """Write with umask 022 (files 644, directories 755) while ``shared``; else as the process
+    does (PostgreSQL's backends: 077).  Only around our own writes: the server's files keep
+    the server's mask."""
+    if not shared:
+        yield
+        return
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)

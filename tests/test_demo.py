@@ -45,6 +45,9 @@ def test_make_demo_twice_then_stop() -> None:
         pairs = re.findall(r"^ \w+\s+\|\s+([\d.]+) \|\s+([\d.]+)$", pct, re.M)
         assert len(pairs) >= 6 and all(float(a) <= float(b) for a, b in pairs)
         assert "psql -h 127.0.0.1 -p" in out and "make demo-stop" in out
+        # The examples ran as the reader login, which has nothing but the reader grant.
+        assert "== Latency per process (as otel_reader)" in out
+        assert "-U otel_reader otelspans" in out
         spans_before = int(sum(int(n) for _, _, n in rows))
 
         second = subprocess.run(

@@ -500,3 +500,78 @@ def test_jdbc_driver_as_a_reader(rdb: RolesDB, tmp_path: Path) -> None:
         assert out[f"local{i}"] == [recent], i
         assert out[f"offset{i}"] == [recent], i
     assert out["cursor"] == [str(sum(1 for r in want if r["process_id"] == pid))]
+
+
+def test_publish_brings_iceberg_up_to_every_span(rdb: RolesDB) -> None:
+    """otel_publish() materialises what no query read yet, quietly, and with shared_files the
+    warehouse is readable by another OS user."""
+    import stat
+
+    from otelspans_fdw.lake.publish import NAMESPACE, catalog_for
+
+    now_ns = time.time_ns()
+    rdb.ing.add(make_resource_spans(service="unread", pid=300, n=15, base_ns=now_ns, seed=9))
+    want = rdb.ing.expected()
+    logfile = rdb.cluster.logfile
+    start = logfile.stat().st_size
+    with rdb.su() as su:
+        su.execute("ALTER SERVER otel_spans_server OPTIONS (ADD shared_files 'on')")
+        try:
+            began = time.time()
+            su.execute("SELECT otel_publish()")
+        finally:
+            su.execute("ALTER SERVER otel_spans_server OPTIONS (DROP shared_files)")
+    store = LocalStore(rdb.store_dir, durable=False)
+    table = catalog_for(rdb.cluster.dsn(DBNAME), store).load_table((NAMESPACE, "otel_spans"))
+    arrow = table.scan(selected_fields=("span_id",)).to_arrow()
+    assert sorted(arrow.column("span_id").to_pylist()) == sorted(r["span_id"] for r in want)
+    with open(logfile, errors="replace") as f:
+        f.seek(start)
+        assert "statistics missing" not in f.read()
+    written = [
+        p
+        for p in (rdb.store_dir / "iceberg").rglob("*")
+        if p.is_file() and p.stat().st_mtime >= began - 1
+    ]
+    assert written
+    for p in written:
+        assert p.stat().st_mode & stat.S_IROTH, p  # readable by another OS user
+        assert p.parent.stat().st_mode & stat.S_IXOTH, p.parent
+
+
+def test_publish_cli_finds_the_recorded_store(fresh_dsn: str, tmp_path: Path) -> None:
+    import sys
+
+    from otelspans_fdw import db as otel_db
+
+    root = Path(__file__).resolve().parent.parent
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OTELSPANS_STORE"}
+
+    def publish_cli() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "otelspans_fdw.cli", "publish", "--dsn", fresh_dsn],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**env, "PYTHONPATH": str(root)},
+            timeout=300,
+        )
+
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        otel_db.migrate(c)
+    none = publish_cli()
+    assert none.returncode != 0 and "Traceback" not in none.stderr
+    assert "no object store" in none.stderr and "--store" in none.stderr
+    store_dir = tmp_path / "store"
+    ing = Ingested(fresh_dsn, LocalStore(store_dir, durable=False))
+    ing.add(make_resource_spans(service="cli", pid=1, n=12, seed=4))
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        otel_db.pin_search_path(c)
+        otel_db.record_setting(c, otel_db.STORE_URL_SETTING, str(store_dir))
+    done = publish_cli()
+    assert done.returncode == 0, done.stderr
+    assert '"added": 1' in done.stdout
+    assert not (cwd / "otelspans-data").exists()
+    assert "statistics missing" not in done.stderr

@@ -13,12 +13,15 @@ State lives in ``otel_published_files`` (path, published_at).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from otelspans_fdw.exceptions import InvalidQueryError
+from otelspans_fdw.lake import partitions, refresh
 from otelspans_fdw.objstore import LocalStore, ObjectStore
 from otelspans_fdw.schema import TABLE_NAME, arrow_schema
 
@@ -32,6 +35,20 @@ __all__ = [
 
 NAMESPACE = "otelspans"
 DEFAULT_BATCH = 500
+#: Spans a publish may materialise first (server option / --max-stale-spans).
+DEFAULT_MAX_STALE_SPANS = 2_000_000
+
+
+class _ExpectedStatistics(logging.Filter):
+    """pyiceberg warns once per file and column without Parquet statistics; the partition
+    writer leaves them out on purpose (JSON and id columns: no pruning value), so these
+    warnings say nothing and would flood every publish."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyArrow statistics missing")
+
+
+logging.getLogger("pyiceberg.io.pyarrow").addFilter(_ExpectedStatistics())
 
 
 @dataclass(slots=True)
@@ -97,10 +114,47 @@ def _table(catalog: Any) -> Any:
     return catalog.create_table(ident, schema=arrow_schema())
 
 
+def materialise_stale(
+    conn: psycopg.Connection, store: ObjectStore, *, max_stale_spans: int | None
+) -> int:
+    """Bring every partition up to the blocks ingested so far (the Iceberg table must hold
+    every span, not only what queries happened to read); return the spans it had to
+    materialise.  More than ``max_stale_spans`` is refused before any work, as for a query."""
+    keys = [
+        (r[0], r[1])
+        for r in conn.execute(
+            "SELECT DISTINCT process_id, date_bin('1 hour', insert_time, 'epoch')"
+            " FROM otel_blocks ORDER BY 1, 2"
+        )
+    ]
+    stale = [s for s in partitions.partition_states_for_keys(conn, keys) if not s.fresh]
+    spans = sum(max(s.nb_spans - (s.stored_rows or 0), 0) for s in stale)
+    if max_stale_spans is not None and spans > max_stale_spans:
+        raise InvalidQueryError(
+            f"publish would materialise {spans} spans first ({len(stale)} stale partitions),"
+            f" more than max_stale_spans ({max_stale_spans})",
+            hint="Allow it for this run: otelspans publish --max-stale-spans N (in SQL: ALTER"
+            " SERVER otel_spans_server OPTIONS (SET max_stale_spans 'N')), or publish more"
+            " often so each run has less to do.",
+        )
+    if stale:
+        refresh.refresh_partitions(conn, store, stale)
+    return spans
+
+
 def publish(
-    conn: psycopg.Connection, dsn: str, store: ObjectStore, *, batch: int = DEFAULT_BATCH
+    conn: psycopg.Connection,
+    dsn: str,
+    store: ObjectStore,
+    *,
+    batch: int = DEFAULT_BATCH,
+    materialise: bool = True,
+    max_stale_spans: int | None = DEFAULT_MAX_STALE_SPANS,
 ) -> PublishStats:
-    """Register new partition files and unregister retired ones; return the counts."""
+    """Materialise what is stale (unless ``materialise`` is off), register new partition files
+    and unregister retired ones; return the counts."""
+    if materialise:
+        materialise_stale(conn, store, max_stale_spans=max_stale_spans)
     stats = PublishStats()
     table = _table(catalog_for(dsn, store))
     new = [
