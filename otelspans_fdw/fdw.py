@@ -46,6 +46,7 @@ materialised partitions persist whatever the user's transaction does.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -69,7 +70,7 @@ from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
 from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import file_mode, shared_files, store_from_options
-from otelspans_fdw.quals import ScanRequest, scan_request, session_zone
+from otelspans_fdw.quals import ScanRequest, TimeWindow, scan_request, session_zone
 from otelspans_fdw.schema import COLUMN_NAMES
 
 __all__ = ["MISSING_PROCESS_HINT", "NO_QUAL_MESSAGE", "OtelSpansFDW"]
@@ -281,11 +282,13 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     def can_pushdown_upper(self, query: dict[str, Any]) -> bool:
         """Grouping, aggregates and top-N are answered on the Parquet columns when every
         condition can be applied exactly (our host only; see multicorn_api)."""
-        return aggregate.accepts(query)
+        return aggregate.accepts(query) or _newest_first(query)
 
     def execute_upper(self, query: dict[str, Any]) -> Any:
         """The pushed-down query's rows as an Arrow table (:mod:`otelspans_fdw.lake.aggregate`)."""
         req = self._request(query["quals"])
+        if route(req) == "none" and _newest_first(query):
+            req = self._newest_window(req, int(query["limit"]))
         if route(req) == "none":
             raise InvalidQueryError(NO_QUAL_MESSAGE, hint=MISSING_PROCESS_HINT)
         lake = self._lake()
@@ -295,6 +298,19 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             return reader
 
         return aggregate.answer(query, req, scan)
+
+    def _newest_window(self, req: ScanRequest, limit: int) -> ScanRequest:
+        """``ORDER BY start_time DESC LIMIT n`` with no condition, exactly: a preview of the
+        newest partitions finds ``n`` spans, the oldest of them starting at T; every one of
+        the ``n`` newest spans starts at or after T, so the window [T, now] holds them all
+        and the ordinary window scan (within the guard) answers."""
+        with file_mode(shared_files(self.options)):
+            reader, _ = self._lake().preview(req, ["start_time"], limit)
+        starts = reader.read_all().column("start_time")
+        if len(starts) < limit:
+            return req  # fewer spans than asked: the window cannot narrow anything
+        oldest = starts[len(starts) - 1].as_py()
+        return dataclasses.replace(req, window=TimeWindow(begin=oldest))
 
     def explain(
         self,
@@ -315,6 +331,22 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         except InvalidQueryError as e:
             return [f"Refused at execution: {e}"]
         return report.lines()
+
+
+def _newest_first(query: dict[str, Any]) -> bool:
+    """A BI tool's sorted preview: ``SELECT ... ORDER BY start_time DESC LIMIT n``, no
+    condition, no grouping, no offset."""
+    order = query.get("order_by") or []
+    return (
+        not query["quals"]
+        and not query.get("grouped")
+        and not query.get("offset")
+        and query.get("limit") is not None
+        and len(order) == 1
+        and order[0]["output"] == "start_time"
+        and bool(order[0]["descending"])
+        and all(c in COLUMN_NAMES for c in query.get("columns") or ())
+    )
 
 
 def _rows(reader: pa.RecordBatchReader) -> Iterator[dict[str, Any]]:

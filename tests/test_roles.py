@@ -342,6 +342,11 @@ def test_reader_preview_and_dashboard_ranges(rdb: RolesDB) -> None:
         # the newest partition's spans: the three recent processes of the fixture
         recent = {r["span_id"] for r in want if r["service_name"] in ("cart", "pay", "ship")}
         assert {r[0] for r in got} <= recent
+        # Sorted preview: exactly the newest spans, wherever they were inserted.
+        top = c.execute(
+            "SELECT span_id, start_time FROM otel_spans ORDER BY start_time DESC LIMIT 5"
+        ).fetchall()
+        assert [r[1] for r in top] == [r["start_time"] for r in newest[:5]]
         week = c.execute(
             "SELECT count(*) FROM otel_spans WHERE start_time >= now() - interval '7 days'"
         ).fetchone()
