@@ -66,7 +66,7 @@ except ImportError:
     _OUR_HOST = True
 
 from otelspans_fdw import backend, db
-from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError
+from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError, MetadataError
 from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import file_mode, shared_files, store_from_options
@@ -103,7 +103,17 @@ def _connection(dsn: str) -> psycopg.Connection:
     conn = _connections.get(dsn)
     if conn is not None and not conn.closed and not conn.broken:
         return conn
-    conn = db.connect(dsn, autocommit=True)
+    try:
+        conn = db.connect(dsn, autocommit=True)
+    except MetadataError as e:
+        # Inside the server the CLI's advice (environment variables) cannot be followed.
+        raise MetadataError(
+            str(e),
+            hint="The lake connects over the local socket as the otelspans extension's owner"
+            " (the server's OS user must be let in as that role: peer for postgres, or a"
+            " pg_ident map). Otherwise a superuser names the connection:"
+            " ALTER SERVER otel_spans_server OPTIONS (ADD dsn 'host=... user=... password=...').",
+        ) from e
     try:
         db.require_current(conn)
     except BaseException:

@@ -580,3 +580,25 @@ def test_publish_cli_finds_the_recorded_store(fresh_dsn: str, tmp_path: Path) ->
     assert '"added": 1' in done.stdout
     assert not (cwd / "otelspans-data").exists()
     assert "statistics missing" not in done.stderr
+
+
+def test_an_owner_peer_cannot_map_is_told_how_to_name_the_connection(rdb: RolesDB) -> None:
+    """peer lets the server's OS user in only as postgres: an extension owned by another
+    superuser needs the server option dsn, and the error says so (not "set PG* variables")."""
+    with psycopg.connect(rdb.cluster.dsn(), autocommit=True) as c:
+        c.execute("CREATE ROLE admin SUPERUSER LOGIN PASSWORD 'admin-pw'")
+        c.execute("CREATE DATABASE other OWNER admin")
+    q = "SELECT count(*) FROM otel_spans WHERE process_id = %s"
+    with psycopg.connect(rdb.cluster.dsn("other", "admin", "admin-pw"), autocommit=True) as a:
+        a.execute("CREATE EXTENSION otelspans")
+        with pytest.raises(psycopg.Error) as e:
+            a.execute(q, (uuid.uuid4(),))
+        assert "Peer authentication failed" in str(e.value.diag.message_primary)
+        hint = e.value.diag.message_hint or ""
+        assert "extension's owner" in hint and "ADD dsn" in hint and "PG*" not in hint
+        a.execute(
+            "ALTER SERVER otel_spans_server OPTIONS (ADD dsn"
+            f" 'host=127.0.0.1 port={rdb.cluster.port} dbname=other user=admin"
+            " password=admin-pw')"
+        )
+        assert a.execute(q, (uuid.uuid4(),)).fetchone() == (0,)

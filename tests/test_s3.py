@@ -196,7 +196,7 @@ def test_s3_ingest_query_publish_with_secrets_in_user_mappings(
     assert len(keys(s3_endpoint, "otel/blobs/")) == 4
 
     # Roles: one with its own mapping, one without.
-    alice, bob = (f"{n}_{uuid.uuid4().hex[:6]}" for n in ("alice", "bob"))
+    alice, bob, carol = (f"{n}_{uuid.uuid4().hex[:6]}" for n in ("alice", "bob", "carol"))
     try:
         for role in (alice, bob):
             # Plain grants: pg_read_all_data would let the role read pg_user_mapping itself.
@@ -239,7 +239,20 @@ def test_s3_ingest_query_publish_with_secrets_in_user_mappings(
             assert "CREATE USER MAPPING FOR <role> SERVER otel_spans_server" in str(
                 diag.message_hint
             )
+        # The lake's keys in a mapping FOR PUBLIC: a reader with the one grant and no mapping
+        # of its own queries, and cannot read them.
+        conn.execute(
+            "CREATE USER MAPPING FOR PUBLIC SERVER otel_spans_server"
+            f" OPTIONS (aws_access_key_id '{KEY_ID}', aws_secret_access_key '{secret}')"
+        )
+        conn.execute(f"CREATE ROLE {carol} LOGIN")
+        conn.execute(f"GRANT otelspans_reader TO {carol}")
+        with psycopg.connect(pg.dsn(conn.info.dbname, user=carol), autocommit=True) as c:
+            assert c.execute(SERVICE_COUNTS_SQL).fetchall() == want
+            shown = c.execute("SELECT to_jsonb(m)::text FROM pg_user_mappings m").fetchall()
+            assert secret not in json.dumps(shown)
     finally:
+        conn.execute("DROP USER MAPPING IF EXISTS FOR PUBLIC SERVER otel_spans_server")
         conn.execute(f"DROP OWNED BY {alice}, {bob}")
-        conn.execute(f"DROP ROLE {alice}, {bob}")
+        conn.execute(f"DROP ROLE IF EXISTS {alice}, {bob}, {carol}")
         conn.close()
