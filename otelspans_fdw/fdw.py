@@ -310,17 +310,24 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         return aggregate.answer(query, req, scan)
 
     def _newest_window(self, req: ScanRequest, limit: int) -> ScanRequest:
-        """``ORDER BY start_time DESC LIMIT n`` with no condition, exactly: a preview of the
-        newest partitions finds ``n`` spans, the oldest of them starting at T; every one of
-        the ``n`` newest spans starts at or after T, so the window [T, now] holds them all
-        and the ordinary window scan (within the guard) answers."""
-        with file_mode(shared_files(self.options)):
-            reader, _ = self._lake().preview(req, ["start_time"], limit)
-        starts = reader.read_all().column("start_time")
-        if len(starts) < limit:
-            return req  # fewer spans than asked: the window cannot narrow anything
-        oldest = starts[len(starts) - 1].as_py()
-        return dataclasses.replace(req, window=TimeWindow(begin=oldest))
+        """``ORDER BY start_time DESC LIMIT n`` without a process, trace or window, exactly:
+        previews of ever more of the newest partitions (their pushed filters applied) until
+        ``n`` spans match, the oldest of them starting at T; every one of the ``n`` newest
+        matching spans starts at or after T, so the window [T, now] holds them all and the
+        ordinary window scan (within the guard) answers.  Fewer matches in the whole store:
+        the window is all of it."""
+        total = self._total_spans()
+        k = limit
+        while True:
+            with file_mode(shared_files(self.options)):
+                reader, _ = self._lake().preview(req, ["start_time"], k)
+            starts = reader.read_all().column("start_time")
+            if len(starts) >= limit:
+                oldest = starts[limit - 1].as_py()
+                return dataclasses.replace(req, window=TimeWindow(begin=oldest))
+            if k >= total:
+                return dataclasses.replace(req, window=TimeWindow(begin=_EPOCH))
+            k *= 4
 
     def explain(
         self,
@@ -343,12 +350,17 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         return report.lines()
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def _newest_first(query: dict[str, Any]) -> bool:
-    """A BI tool's sorted preview: ``SELECT ... ORDER BY start_time DESC LIMIT n``, no
-    condition, no grouping, no offset."""
+    """A BI tool's sorted preview: ``SELECT ... [WHERE filters] ORDER BY start_time DESC
+    LIMIT n`` with no process, trace or window, no grouping, no offset."""
     order = query.get("order_by") or []
+    quals = query["quals"]
     return (
-        not query["quals"]
+        route(scan_request(quals)) == "none"
+        and aggregate.exact_quals(quals)
         and not query.get("grouped")
         and not query.get("offset")
         and query.get("limit") is not None

@@ -347,6 +347,16 @@ def test_reader_preview_and_dashboard_ranges(rdb: RolesDB) -> None:
             "SELECT span_id, start_time FROM otel_spans ORDER BY start_time DESC LIMIT 5"
         ).fetchall()
         assert [r[1] for r in top] == [r["start_time"] for r in newest[:5]]
+        # ...also with filters: the newest matching spans, however far back they are.
+        for status in ("ERROR", "OK", "no-such-status"):
+            got = c.execute(
+                "SELECT start_time FROM otel_spans WHERE status = %s"
+                " ORDER BY start_time DESC LIMIT 4",
+                (status,),
+            ).fetchall()
+            assert [r[0] for r in got] == [
+                r["start_time"] for r in newest if r["status"] == status
+            ][:4], status
         week = c.execute(
             "SELECT count(*) FROM otel_spans WHERE start_time >= now() - interval '7 days'"
         ).fetchone()

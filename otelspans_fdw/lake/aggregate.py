@@ -118,6 +118,11 @@ def columns_needed(query: dict[str, Any]) -> list[str]:
     return [c for c in COLUMN_NAMES if c in need] or ["duration"]
 
 
+def exact_quals(quals: Sequence[Any]) -> bool:
+    """Can :func:`answer` apply every one of ``quals`` exactly (whatever the route)?"""
+    return all(_qual_ok(q) for q in quals)
+
+
 def accepts(query: dict[str, Any]) -> bool:
     """Whether :func:`answer` can answer ``query`` exactly."""
     quals = query["quals"]
