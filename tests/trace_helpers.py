@@ -29,6 +29,8 @@ T3 = "00000000000000000000000000000a03"
 T4 = "00000000000000000000000000000a04"
 MS = 1_000_000
 #: Trace start: five minutes ago, on a whole millisecond (recent enough for window queries).
+# Set when the module is imported (collection): tests that run much later in a long session
+# must use windows of an hour or more to still see these spans as recent.
 BASE_NS = (time.time_ns() - 300 * 10**9) // MS * MS
 OLD_NS = BASE_NS - 2 * 86_400 * 10**9
 SERVICES = ("frontend", "checkout", "cart", "payment", "inventory", "shipping", "batch")
