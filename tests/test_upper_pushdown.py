@@ -170,6 +170,12 @@ W = "WHERE process_id = ANY(%s)"
         f"SELECT name, percentile_cont(ARRAY[0, 0.25, 0.5, 0.99, 1]) WITHIN GROUP"
         f" (ORDER BY duration), percentile_disc(ARRAY[0.1, 0.9]) WITHIN GROUP (ORDER BY duration)"
         f" FROM {{T}} {W} GROUP BY 1",
+        # many small groups: one sort of all values instead of a selection per group
+        f"SELECT trace_id, percentile_cont(0.5) WITHIN GROUP (ORDER BY duration),"
+        f" percentile_disc(ARRAY[0.5, 1]) WITHIN GROUP (ORDER BY duration),"
+        f" percentile_disc(0.3) WITHIN GROUP (ORDER BY end_time) FROM {{T}} {W} GROUP BY 1",
+        f"SELECT date_trunc('second', start_time), percentile_cont(ARRAY[0.1, 0.75])"
+        f" WITHIN GROUP (ORDER BY duration) FROM {{T}} {W} GROUP BY 1",
         f"SELECT service_name, bool_or(status = 'ERROR'), bool_and(duration > 0),"
         f" bool_or(status_message IS NOT NULL AND kind IN ('SERVER', 'CLIENT')),"
         f" bool_and(NOT (name = 'op-1' OR name = 'op-2')) FROM {{T}} {W} GROUP BY 1",

@@ -21,6 +21,7 @@ numeric formatting needs exact integers (``sum``/``avg``).
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -304,6 +305,14 @@ def pg_numeric_avg(total: int, count: int) -> str:
     return _decimal_text(rounded, rscale)
 
 
+def _sum_fits(values: Any) -> bool:
+    """Can no sum of these int64 values wrap?  (max |v| times their number < 2**63.)"""
+    mm = pc.min_max(values).as_py()
+    if mm["min"] is None:
+        return True
+    return max(abs(mm["min"]), abs(mm["max"])) * max(len(values), 1) < 2**63
+
+
 def _exact_sums(hi: Any, lo: Any) -> list[int | None]:
     return [
         None if h is None else h * (1 << 32) + (l_ or 0)
@@ -355,11 +364,59 @@ class _Plan:
         return out
 
 
+#: Percentiles select per group (O(n) each) when groups are this few and this large on
+#: average; else one sort of all values (a Python step per group would dominate).
+_SELECT_GROUPS = 2000
+_SELECT_MIN_AVG = 32
+
+
+def _percentiles_by_group(
+    lists: Any, fractions: list[float | None], cont: bool, value_type: pa.DataType
+) -> list[Any]:
+    """:func:`_percentiles` by selection in each group's values: PostgreSQL's rows (the
+    ``floor``/``ceil`` of ``f * (n - 1)`` for cont, ``ceil(f * n)`` for disc) are picked with
+    pyarrow's quantile at ``lower``/``higher``, and the interpolation is done here, as
+    PostgreSQL does it (``lo + (f * (n - 1) - floor) * (hi - lo)``)."""
+    out: list[list[Any]] = [[] for _ in fractions]
+    as_int = pa.types.is_timestamp(value_type)
+    for g in range(len(lists)):
+        vals = lists[g].values
+        if vals is None or len(vals) - vals.null_count == 0:
+            for o in out:
+                o.append(None)
+            continue
+        if as_int:
+            vals = pc.cast(vals, pa.int64())
+        n = len(vals) - vals.null_count
+        for i, f in enumerate(fractions):
+            if f is None:
+                out[i].append(None)
+                continue
+            if cont:
+                pos = f * (n - 1)
+                first, second = math.floor(pos), math.ceil(pos)
+                lo = pc.quantile(vals, q=[f], interpolation="lower")[0].as_py()
+                if first == second:
+                    out[i].append(lo)
+                    continue
+                hi = pc.quantile(vals, q=[f], interpolation="higher")[0].as_py()
+                out[i].append(lo + (pos - first) * (hi - lo))
+            else:
+                row = max(math.ceil(f * n), 1) - 1  # 0-based row PostgreSQL returns
+                q = 0.0 if n == 1 else (row + 0.5) / (n - 1)
+                out[i].append(pc.quantile(vals, q=[min(q, 1.0)], interpolation="lower")[0].as_py())
+    typ = pa.float64() if cont else value_type
+    return [pa.array(o, pa.int64() if as_int and not cont else typ).cast(typ) for o in out]
+
+
 def _percentiles(
     lists: Any, fractions: list[float | None], cont: bool, value_type: pa.DataType
 ) -> list[Any]:
     """Per group (a list of its values), the value at each fraction, as PostgreSQL picks it."""
     lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    ngroups = len(lists)
+    if ngroups <= _SELECT_GROUPS and len(lists.values) >= _SELECT_MIN_AVG * ngroups:
+        return _percentiles_by_group(lists, fractions, cont, value_type)
     parents = pc.list_parent_indices(lists)
     flat = pc.list_flatten(lists)
     valid = pc.is_valid(flat)
@@ -446,16 +503,24 @@ def _aggregate(table: pa.Table, query: dict[str, Any], utc_offset: int | None) -
             finish.append(lambda t, r=r, out=out: (out, pc.cast(t[r], pa.int64())))
         elif fn in ("sum", "avg"):
             v = _masked(cols(a["column"]), mask)
-            hi = pc.divide(v, 1 << 32)  # truncates toward zero: |hi| < 2**31
-            lo = pc.subtract(v, pc.multiply(hi, 1 << 32))  # |lo| < 2**32, sign of v
-            rh = plan.add(hi, "sum")
-            rl = plan.add(lo, "sum")
             rc = plan.add(v, "count", pc.CountOptions(mode="only_valid"))
+            if _sum_fits(v):
+                rh, rl = plan.add(v, "sum"), None
+            else:
+                # 32-bit halves: hi = v >> 32 (arithmetic), lo = v & 0xffffffff; neither
+                # sum can wrap, and hi * 2**32 + lo is the exact total
+                rh = plan.add(pc.shift_right(v, 32), "sum")
+                rl = plan.add(pc.bit_wise_and(v, 0xFFFFFFFF), "sum")
 
             def fin(
-                t: pa.Table, rh: str = rh, rl: str = rl, rc: str = rc, out: str = out, fn: str = fn
+                t: pa.Table,
+                rh: str = rh,
+                rl: str | None = rl,
+                rc: str = rc,
+                out: str = out,
+                fn: str = fn,
             ) -> tuple[str, Any]:
-                sums = _exact_sums(t[rh], t[rl])
+                sums = t[rh].to_pylist() if rl is None else _exact_sums(t[rh], t[rl])
                 counts = t[rc].to_pylist()
                 text = [
                     None
@@ -606,7 +671,7 @@ def answer(query: dict[str, Any], req: ScanRequest, scan: Scan) -> pa.Table:
     if query.get("matches_nothing"):
         table = table.slice(0, 0)
     mask = _quals_mask(table, query["quals"])
-    if mask is not None:
+    if mask is not None and not (mask.null_count == 0 and pc.all(mask).as_py() is not False):
         table = table.filter(mask)
     offset = int(query.get("offset") or 0)
     limit = query.get("limit")
