@@ -149,11 +149,11 @@ def main() -> int:
         ).fetchone()[0]  # type: ignore[index]
         print(f"materialised {n:,} spans in {time.perf_counter() - t:.1f} s (one cold query)")
         conn.execute(
-            "CREATE TABLE heap AS SELECT * FROM otel_spans WHERE start_time >= %s"
+            "CREATE TABLE public.spans_heap AS SELECT * FROM otel_spans WHERE start_time >= %s"
             " AND start_time < %s",
             (day_begin, end),
         )
-        conn.execute("VACUUM ANALYZE heap")
+        conn.execute("VACUUM ANALYZE public.spans_heap")
         files = [
             f"{store.root}/{r[0]}"
             for r in conn.execute("SELECT path FROM otel_partition_files ORDER BY path")
@@ -178,7 +178,7 @@ def main() -> int:
             conn.execute("SET otelspans.pushdown_upper = off")
             t_off, r_off = best_pg(conn, pg_sql.format(T="otel_spans"), args.runs)
             conn.execute("RESET otelspans.pushdown_upper")
-            t_heap, r_heap = best_pg(conn, pg_sql.format(T="heap"), args.runs)
+            t_heap, r_heap = best_pg(conn, pg_sql.format(T="public.spans_heap"), args.runs)
             t_duck, r_duck = best_duck(duck, duck_sql, args.runs)
             same = _rows(r_on) == _rows(r_off) == _rows(r_heap) == _rows(r_duck)
             ok &= same and pushed
