@@ -184,6 +184,11 @@ def main() -> int:
             ok &= same and pushed
             note = "" if pushed else " (not pushed!)"
             note += "" if same else " (ANSWERS DIFFER)"
+            if not same:
+                for name, r in (("no pushdown", r_off), ("heap", r_heap), ("duckdb", r_duck)):
+                    diff = [(a, b) for a, b in zip(_rows(r_on), _rows(r), strict=False) if a != b]
+                    if diff or len(r) != len(r_on):
+                        print(f"pushdown vs {name}: {len(r_on)} / {len(r)} rows, {diff[:3]}")
             print(
                 f"| {label}{note} | {t_on * 1000:.0f} ms | {t_off * 1000:.0f} ms |"
                 f" {t_heap * 1000:.0f} ms | {t_duck * 1000:.0f} ms | {t_on / t_duck:.2f}x |"
