@@ -10,8 +10,9 @@ question is timed warm (best of ``--runs``) on
 * a native heap table ``CREATE TABLE ... AS SELECT *`` of the same spans (vacuumed, analysed),
 * DuckDB (in this process) over the same Parquet files the partition index lists.
 
-Answers are compared between the engines (numbers rounded to 9 significant digits: DuckDB's
-floating-point sums may differ in the last bits) before any time is printed.  Ratios are
+Answers are compared before any time is printed: PostgreSQL's (pushdown on, off, heap) to 12
+significant digits, DuckDB's to 6 (its percentile interpolation differs in the last digits:
+26322341.7 against PostgreSQL's 26322341.8 in one run).  Ratios are
 otelspans' time over DuckDB's and over the heap's.
 """
 
@@ -78,16 +79,16 @@ def questions(begin: dt.datetime, end: dt.datetime) -> list[tuple[str, str, str]
     ]
 
 
-def _norm(v: Any) -> Any:
+def _norm(v: Any, digits: int = 12) -> Any:
     if isinstance(v, float | Decimal):
-        return float(f"{float(v):.9g}")
+        return float(f"{float(v):.{digits}g}")
     if isinstance(v, dt.datetime):
         return v.astimezone(dt.UTC)
     return v
 
 
-def _rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    return [tuple(_norm(v) for v in r) for r in rows]
+def _rows(rows: list[tuple[Any, ...]], digits: int = 12) -> list[tuple[Any, ...]]:
+    return [tuple(_norm(v, digits) for v in r) for r in rows]
 
 
 def best_pg(conn: psycopg.Connection, sql: str, runs: int) -> tuple[float, list[tuple[Any, ...]]]:
@@ -180,7 +181,10 @@ def main() -> int:
             conn.execute("RESET otelspans.pushdown_upper")
             t_heap, r_heap = best_pg(conn, pg_sql.format(T="public.spans_heap"), args.runs)
             t_duck, r_duck = best_duck(duck, duck_sql, args.runs)
-            same = _rows(r_on) == _rows(r_off) == _rows(r_heap) == _rows(r_duck)
+            # PostgreSQL's own answers must be identical; DuckDB interpolates percentiles
+            # differently in the last digits, so it is compared to 6 significant digits
+            same = _rows(r_on) == _rows(r_off) == _rows(r_heap)
+            same &= _rows(r_on, 6) == _rows(r_duck, 6)
             ok &= same and pushed
             note = "" if pushed else " (not pushed!)"
             note += "" if same else " (ANSWERS DIFFER)"
