@@ -139,7 +139,5 @@ def cmd_publish(args: argparse.Namespace) -> int:
             stats = publish.publish(
                 conn, dsn, store, batch=args.batch, max_stale_spans=args.max_stale_spans
             )
-    print(
-        json.dumps({"added": stats.added, "removed": stats.removed, "snapshots": stats.snapshots})
-    )
+    print(json.dumps(stats.as_dict()))
     return 0

@@ -103,7 +103,7 @@ def retention(
     return stats.as_dict()
 
 
-def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int]:
+def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int | str]:
     """``otel_publish(...)``: register new partition files in the Iceberg table."""
     from otelspans_fdw.lake import publish as lake_publish
     from otelspans_fdw.objstore import file_mode, shared_files
@@ -113,4 +113,4 @@ def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int]
     with conn, file_mode(shared_files(options)):
         db.require_current(conn)
         stats = lake_publish.publish(conn, dsn, store, batch=batch, max_stale_spans=limit)
-    return {"added": stats.added, "removed": stats.removed, "snapshots": stats.snapshots}
+    return stats.as_dict()

@@ -529,11 +529,14 @@ def test_publish_brings_iceberg_up_to_every_span(rdb: RolesDB) -> None:
     want = rdb.ing.expected()
     logfile = rdb.cluster.logfile
     start = logfile.stat().st_size
+    # The README's one-time step for files written before shared_files was on; what publishing
+    # writes from here on is checked below to be readable without it.
+    subprocess.run(["chmod", "-R", "a+rX", str(rdb.store_dir)], check=True)
     with rdb.su() as su:
         su.execute("ALTER SERVER otel_spans_server OPTIONS (ADD shared_files 'on')")
         try:
             began = time.time()
-            su.execute("SELECT otel_publish()")
+            published = su.execute("SELECT otel_publish()").fetchone()[0]
         finally:
             su.execute("ALTER SERVER otel_spans_server OPTIONS (DROP shared_files)")
     store = LocalStore(rdb.store_dir, durable=False)
@@ -552,6 +555,36 @@ def test_publish_brings_iceberg_up_to_every_span(rdb: RolesDB) -> None:
     for p in written:
         assert p.stat().st_mode & stat.S_IROTH, p  # readable by another OS user
         assert p.parent.stat().st_mode & stat.S_IXOTH, p.parent
+    # An outside engine, as another OS user, opens the table by its metadata location alone.
+    location = published["metadata_location"]
+    assert location == table.metadata_location
+    assert _duckdb_iceberg_count(location, os_user="nobody") == len(want)
+
+
+def _duckdb_iceberg_count(metadata_location: str, *, os_user: str) -> int:
+    """count(*) of an Iceberg table read by DuckDB's iceberg extension (the one the package
+    index ships as a wheel: no download at run time), in a process running as ``os_user``."""
+    import sys
+
+    script = (
+        "import os, sys, duckdb, duckdb_ext\n"
+        "ext = os.path.join(list(duckdb_ext.__path__)[0], 'extensions')\n"
+        "con = duckdb.connect(config={'extension_directory': ext,"
+        " 'autoinstall_known_extensions': False})\n"
+        "con.execute('LOAD iceberg')\n"
+        "print(con.execute('SELECT count(*) FROM iceberg_scan(?)', [sys.argv[1]]).fetchone()[0])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, metadata_location],
+        capture_output=True,
+        text=True,
+        user=os_user,
+        env={"PATH": os.environ.get("PATH", "/usr/bin"), "HOME": "/tmp"},
+        cwd="/tmp",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip())
 
 
 def test_publish_cli_finds_the_recorded_store(fresh_dsn: str, tmp_path: Path) -> None:

@@ -58,6 +58,17 @@ class PublishStats:
     added: int = 0
     removed: int = 0
     snapshots: int = 0
+    #: the table's current metadata file: what an engine without this catalog opens, e.g.
+    #: DuckDB's ``iceberg_scan('<metadata_location>')``
+    metadata_location: str = ""
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "added": self.added,
+            "removed": self.removed,
+            "snapshots": self.snapshots,
+            "metadata_location": self.metadata_location,
+        }
 
 
 def _sqlalchemy_url(dsn: str) -> str:
@@ -177,6 +188,7 @@ def publish(
         stats.snapshots += 1
     stats.removed = _remove_gone(conn, table, store)
     stats.snapshots += int(stats.removed > 0)
+    stats.metadata_location = str(table.refresh().metadata_location)
     return stats
 
 
