@@ -17,6 +17,9 @@ Each sampled trace's row count is checked against a scan of the same trace throu
 route (every process, ``trace_id`` as a plain filter), which does not use the trace index.
 
     PYTHONPATH=. /opt/otelspans/venv/bin/python bench/bench_traces.py --sizes 1000000,10000000
+
+``--history-days N`` then adds N days of block history before the store (metadata rows only,
+as ``bench_history.py`` does) and measures the warm lookups again.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otelspans_fdw import db
 from otelspans_fdw.devcluster import LocalCluster
 from otelspans_fdw.ingest import demo
@@ -107,11 +112,16 @@ def breakdown(conn: psycopg.Connection, store: LocalStore, sample: list[str]) ->
             t = step("files", t)
             sel = footers.select_row_groups(cache, store, [f.path for f in files], scope.req.window)
             t = step("row-group selection (cached footers)", t)
-            rd = footers.open_selected(
-                store, sel, list(COLUMN_NAMES), request_expression(scope.req)
+            rd = footers.read_trace_rows(
+                store,
+                sel,
+                list(COLUMN_NAMES),
+                [tid],
+                request_expression(scope.req),
+                ["start_time", "end_time", "trace_id"],
             )
             rd.read_all()
-            step("read selected row groups", t)
+            step("read the trace's rows of the selected row groups", t)
     for name, v in steps.items():
         print(f"  {name}: median {ms(statistics.median(v[len(sample) :]))}")
 
@@ -179,6 +189,24 @@ def run_size(cluster: LocalCluster, base: Path, spans: int, args: argparse.Names
             c2.execute(LOOKUP, (tid,)).fetchall()
         cold.append(time.perf_counter() - t)
     breakdown(conn, LocalStore(store_dir, durable=False), sample[1:11])
+    warm_history = None
+    if args.history_days:
+        # Block history before the store's first hour (metadata rows only, one block per
+        # process every 10 s, as bench_history.py adds it): the lookups must not notice.
+        from bench_history import add_history
+
+        t = time.perf_counter()
+        added = add_history(conn, 0, args.history_days)
+        print(
+            f"history: {args.history_days} days, {added:,} blocks ({time.perf_counter() - t:.0f} s)"
+        )
+        for tid in sample[1:4]:
+            timed(conn, tid)
+        warm_history = [timed(conn, tid)[0] for tid in sample[1:]]
+        print(
+            f"warm with history: median {ms(statistics.median(warm_history))},"
+            f" p95 {ms(sorted(warm_history)[int(0.95 * (len(warm_history) - 1))])}"
+        )
     explain = "\n".join(
         r[0]
         for r in conn.execute(
@@ -193,6 +221,7 @@ def run_size(cluster: LocalCluster, base: Path, spans: int, args: argparse.Names
         "warm_median": statistics.median(warm),
         "warm_p95": sorted(warm)[int(0.95 * (len(warm) - 1))],
         "cold_median": statistics.median(cold),
+        "warm_history": statistics.median(warm_history) if warm_history else None,
     }
     print(
         f"warm: median {ms(res['warm_median'])}, p95 {ms(res['warm_p95'])} ({len(warm)} traces);"
@@ -209,6 +238,12 @@ def main() -> int:
     ap.add_argument("--cold", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
+    ap.add_argument(
+        "--history-days",
+        type=int,
+        default=0,
+        help="then add this much block history, measure again",
+    )
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="otelspans-bench-traces-"))
     base.chmod(0o755)  # the cluster runs as postgres

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from otelspans_fdw.cli_maintenance import add_publish, add_retention
+from otelspans_fdw.cli_materialise import add_materialise
 from otelspans_fdw.exceptions import OtelSpansError
 
 __all__ = ["main"]
@@ -330,6 +331,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_trace,
     add_retention,
     add_publish,
+    add_materialise,
 ]
 
 

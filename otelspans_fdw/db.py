@@ -85,6 +85,110 @@ __all__ = [
 #: Advisory lock key taken while migrating ("otelmigr" as a big-endian int64).
 MIGRATION_LOCK_KEY = int.from_bytes(b"otelmigr", "big", signed=True)
 
+# Per-block terms of the summaries: the partition hour (twin of lake.partitions.hour_of), the
+# block-id checksum (twin of lake.partitions.block_checksum) and the span count.
+_TERMS = (
+    "process_id, date_bin('1 hour', insert_time, 'epoch') AS hour,"
+    " ('x' || left(block_id::text, 8))::bit(32)::int::bigint AS checksum,"
+    " (nb_spans - nb_rejected)::bigint AS spans, begin_time AS lo,"
+    " greatest(end_time, begin_time) AS hi"
+)
+_NEW = f"SELECT {_TERMS}, 1 AS sign FROM new_blocks"
+_OLD = f"SELECT {_TERMS}, -1 AS sign FROM old_blocks"
+
+
+def _summary_upsert(source: str) -> str:
+    """The two upserts that apply the signed rows of ``source`` (``sign``: +1 a block that
+    appeared, -1 one that went) to the summaries, keys in order so that concurrent writers
+    lock rows in the same order and never deadlock.  Bounds only widen: a removed block
+    leaves them as they were (a superset still finds every overlapping hour)."""
+    return f"""\
+                WITH d AS ({source})
+                INSERT INTO otel_block_hours AS h
+                    (process_id, hour, nb_blocks, block_checksum, nb_spans, min_time, max_time)
+                SELECT process_id, hour, sum(sign), sum(sign * checksum), sum(sign * spans),
+                       min(lo) FILTER (WHERE sign > 0), max(hi) FILTER (WHERE sign > 0)
+                FROM d GROUP BY 1, 2 ORDER BY 1, 2
+                ON CONFLICT (process_id, hour) DO UPDATE SET
+                    nb_blocks = h.nb_blocks + excluded.nb_blocks,
+                    block_checksum = h.block_checksum + excluded.block_checksum,
+                    nb_spans = h.nb_spans + excluded.nb_spans,
+                    min_time = least(h.min_time, excluded.min_time),
+                    max_time = greatest(h.max_time, excluded.max_time);
+                WITH d AS ({source})
+                INSERT INTO otel_process_blocks AS p (process_id, nb_blocks, nb_spans)
+                SELECT process_id, sum(sign), sum(sign * spans) FROM d GROUP BY 1 ORDER BY 1
+                ON CONFLICT (process_id) DO UPDATE SET
+                    nb_blocks = p.nb_blocks + excluded.nb_blocks,
+                    nb_spans = p.nb_spans + excluded.nb_spans;"""
+
+
+def _summary_prune() -> str:
+    """Drop the summaries that the removed blocks emptied (only their keys are read)."""
+    return """
+                DELETE FROM otel_block_hours h
+                USING (SELECT DISTINCT process_id, date_bin('1 hour', insert_time, 'epoch')
+                       FROM old_blocks) k (process_id, hour)
+                WHERE h.process_id = k.process_id AND h.hour = k.hour AND h.nb_blocks <= 0;
+                DELETE FROM otel_process_blocks p
+                WHERE p.process_id IN (SELECT process_id FROM old_blocks) AND p.nb_blocks <= 0;"""
+
+
+# Summaries of otel_blocks whose size follows the processes and hours, not the blocks, kept
+# by statement triggers so that they change in the transaction that changes the blocks (the
+# receiver's, retention's, anyone's): a reader sees both or neither, hence freshness stays
+# exact.  ``otel_block_hours``: one row per (process, insert hour) with its block count,
+# checksum, span count and event-time bounds, under a GiST index on the bounds so that a
+# window finds its hours without reading older ones.  ``otel_process_blocks``: per-process
+# totals for planner estimates.  The function resolves names with the search_path it was
+# created with (the extension's schema), whatever the writer's.
+_BLOCK_SUMMARIES_SQL = f"""
+        CREATE TABLE otel_block_hours (
+            process_id     uuid NOT NULL,
+            hour           timestamptz NOT NULL,
+            nb_blocks      integer NOT NULL,
+            block_checksum bigint NOT NULL,
+            nb_spans       bigint NOT NULL,
+            min_time       timestamptz,
+            max_time       timestamptz,
+            PRIMARY KEY (process_id, hour)
+        );
+        CREATE INDEX otel_block_hours_span ON otel_block_hours
+            USING gist (tstzrange(min_time, max_time, '[]')) WHERE min_time IS NOT NULL;
+        CREATE INDEX otel_block_hours_hour ON otel_block_hours (hour, process_id);
+        CREATE TABLE otel_process_blocks (
+            process_id uuid PRIMARY KEY,
+            nb_blocks  bigint NOT NULL,
+            nb_spans   bigint NOT NULL
+        );
+        CREATE FUNCTION otel_block_summaries() RETURNS trigger
+            LANGUAGE plpgsql SET search_path FROM CURRENT AS $fn$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+{_summary_upsert(_NEW)}
+            ELSIF TG_OP = 'DELETE' THEN
+{_summary_upsert(_OLD)}{_summary_prune()}
+            ELSE
+{_summary_upsert(_NEW + " UNION ALL " + _OLD)}{_summary_prune()}
+            END IF;
+            RETURN NULL;
+        END $fn$;
+        CREATE TRIGGER otel_blocks_summaries_ins AFTER INSERT ON otel_blocks
+            REFERENCING NEW TABLE AS new_blocks
+            FOR EACH STATEMENT EXECUTE FUNCTION otel_block_summaries();
+        CREATE TRIGGER otel_blocks_summaries_del AFTER DELETE ON otel_blocks
+            REFERENCING OLD TABLE AS old_blocks
+            FOR EACH STATEMENT EXECUTE FUNCTION otel_block_summaries();
+        CREATE TRIGGER otel_blocks_summaries_upd AFTER UPDATE ON otel_blocks
+            REFERENCING OLD TABLE AS old_blocks NEW TABLE AS new_blocks
+            FOR EACH STATEMENT EXECUTE FUNCTION otel_block_summaries();
+        INSERT INTO otel_block_hours
+        SELECT process_id, hour, count(*), sum(checksum), sum(spans), min(lo), max(hi)
+        FROM (SELECT {_TERMS} FROM otel_blocks) b GROUP BY 1, 2;
+        INSERT INTO otel_process_blocks
+        SELECT process_id, count(*), sum(nb_spans - nb_rejected) FROM otel_blocks GROUP BY 1;
+"""
+
 #: Ordered migrations: (version, SQL).  Never edit a released entry; append a new one.
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -167,6 +271,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX otel_blocks_window_idx ON otel_blocks ((greatest(end_time, begin_time)));
         """,
     ),
+    (4, _BLOCK_SUMMARIES_SQL),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

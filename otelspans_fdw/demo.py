@@ -85,9 +85,10 @@ def _wait_http(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def _receiver_pid(base: Path) -> int | None:
+def _receiver_pid(base: Path, name: str = "receiver") -> int | None:
+    """The pid of the demo's receiver (or ``follower``) if it runs."""
     try:
-        pid = int((base / "receiver.pid").read_text())
+        pid = int((base / f"{name}.pid").read_text())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
@@ -116,10 +117,10 @@ def start(base: Path, port: int, spans: int) -> int:
         _reader_login(c)
     exe = Path(sys.executable).with_name("otelspans")
 
+    as_service = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
     if _receiver_pid(base) is None:
         print(f"== receiver on 127.0.0.1:{HTTP_PORT} (HTTP) and :{GRPC_PORT} (gRPC)", flush=True)
         log = open(base / "receiver.log", "ab")  # handed to the child
-        as_service = ["runuser", "-u", SERVICE_USER, "--"] if os.geteuid() == 0 else []
         proc = subprocess.Popen(
             [
                 *as_service,
@@ -140,6 +141,17 @@ def start(base: Path, port: int, spans: int) -> int:
         )
         (base / "receiver.pid").write_text(str(proc.pid))
     _wait_http(f"http://127.0.0.1:{HTTP_PORT}/v1/traces")
+    if _receiver_pid(base, "follower") is None:
+        # Partitions built a few seconds behind ingestion, so the queries below only read.
+        print("== materialisation follower (otelspans materialise --follow)", flush=True)
+        log = open(base / "follower.log", "ab")  # handed to the child
+        proc = subprocess.Popen(
+            [*as_service, str(exe), "materialise", "--follow", "--dsn", dsn, "--store", str(store)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        (base / "follower.pid").write_text(str(proc.pid))
 
     print(f"== sending about {spans} spans of demo traffic over OTLP/HTTP", flush=True)
     subprocess.run(
@@ -223,14 +235,15 @@ def _set_server_option(conn: psycopg.Connection, server: str, name: str, value: 
 
 
 def stop(base: Path, port: int) -> int:
-    pid = _receiver_pid(base)
-    if pid is not None:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(100):
-            if _receiver_pid(base) is None:
-                break
-            time.sleep(0.1)
-    (base / "receiver.pid").unlink(missing_ok=True)
+    for name in ("follower", "receiver"):
+        pid = _receiver_pid(base, name)
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(100):
+                if _receiver_pid(base, name) is None:
+                    break
+                time.sleep(0.1)
+        (base / f"{name}.pid").unlink(missing_ok=True)
     _cluster(base, port).stop()
     print(f"demo stopped (data kept in {base})")
     return 0

@@ -274,8 +274,8 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
                 r = (
                     _connection(self.dsn)
                     .execute(
-                        "SELECT (sum(nb_spans) / greatest(count(DISTINCT process_id), 1))::bigint"
-                        " FROM otel_blocks"
+                        "SELECT (sum(nb_spans) / greatest(count(*), 1))::bigint"
+                        " FROM otel_process_blocks"
                     )
                     .fetchone()
                 )

@@ -39,7 +39,11 @@ READER_ROLE = "otelspans_reader"
 #: and ext/otelspans.control's default_version names the last entry.
 EXTENSION_VERSIONS: list[tuple[str, tuple[int, int]]] = [
     ("0.1", (3, 2)),
+    ("0.2", (4, 2)),
 ]
+#: Tables derived from others by triggers (otelspans_fdw.db: the block summaries): not dumped,
+#: since restoring the blocks rebuilds them (a dumped copy would count every block twice).
+DERIVED_TABLES = frozenset({"otel_block_hours", "otel_process_blocks"})
 
 _STEPS = (
     (db.MIGRATIONS, db.VERSION_TABLE),
@@ -125,7 +129,11 @@ def _steps_sql(low: tuple[int, int], high: tuple[int, int]) -> tuple[str, list[s
 
 def _members_sql(tables: list[str]) -> str:
     """pg_dump keeps the rows of these member tables; readers may read them, nothing more."""
-    dumps = "\n".join(f"SELECT pg_catalog.pg_extension_config_dump({_lit(t)}, '');" for t in tables)
+    dumps = "\n".join(
+        f"SELECT pg_catalog.pg_extension_config_dump({_lit(t)}, '');"
+        for t in tables
+        if t not in DERIVED_TABLES
+    )
     grants = "\n".join(f"GRANT SELECT ON {t} TO {READER_ROLE};" for t in tables)
     return f"{dumps}\n\n{grants}\n"
 

@@ -26,8 +26,8 @@ def otelspans(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_migrate_ingest_status(fresh_dsn, tmp_path) -> None:
     first = otelspans("migrate", "--dsn", fresh_dsn).stdout
-    # metadata 1-3 and lake 1-2, by CREATE EXTENSION
-    assert "applied 5 migration" in first and "extension otelspans in schema public" in first
+    # metadata 1-4 and lake 1-2, by CREATE EXTENSION (0.1, then its update to 0.2)
+    assert "applied 6 migration" in first and "extension otelspans in schema public" in first
     assert "applied 0 migration" in otelspans("migrate", "--dsn", fresh_dsn).stdout
     (tmp_path / "a.pb").write_bytes(make_request(3, seed=1).SerializeToString())
     (tmp_path / "b.json").write_bytes(otlp_json(make_request(4, seed=2)))

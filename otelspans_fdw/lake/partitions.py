@@ -4,8 +4,9 @@ A partition is ``(process_id, hour)`` where ``hour`` is the UTC hour bucket of t
 time* of its blocks: the content of a partition depends only on which blocks were ingested in
 that hour, so blocks arriving later (even with old spans) land in a new partition and never
 rewrite an old one.  A partition is **fresh** when it covers exactly the blocks that exist
-now, checked cheaply by (block count, block-id checksum, schema version); a stale one is
-brought up to date by :mod:`otelspans_fdw.lake.refresh`.
+now, checked cheaply by (block count, block-id checksum, schema version) against the hour's
+summary row in ``otel_block_hours`` (see :mod:`otelspans_fdw.db`); a stale one is brought up to
+date by :mod:`otelspans_fdw.lake.refresh`.
 
 Tables (created by the extension, or by :func:`ensure_schema` where there is none; versioned
 in ``otel_lake_schema_version`` apart from the ingestion schema so the two evolve
@@ -138,8 +139,7 @@ def block_checksum(block_ids: Iterable[uuid.UUID]) -> int:
     return total
 
 
-# SQL twin of block_checksum.
-_CHECKSUM_SQL = "sum(('x' || left(b.block_id::text, 8))::bit(32)::int::bigint)"
+# Its SQL twin is in the summaries' trigger (otelspans_fdw.db: otel_block_hours).
 
 
 def lock_key(process_id: uuid.UUID, hour: dt.datetime) -> int:
@@ -192,30 +192,32 @@ class PartitionState:
 
 
 # Current block counts/checksums of the partitions named by the ``hours`` CTE, next to what
-# is materialised.  Two ways to name them: hours of a process set overlapping a window, or
-# explicit (process, hour) keys (the trace lookup's).
-_CUR_SQL = f"""
-, cur AS (
-    SELECT h.process_id, h.hour, count(*) AS nb_blocks, {_CHECKSUM_SQL} AS checksum,
-           sum(b.nb_spans - b.nb_rejected) AS nb_spans
-    FROM hours h
-    JOIN otel_blocks b ON b.process_id = h.process_id
-     AND b.insert_time >= h.hour AND b.insert_time < h.hour + interval '1 hour'
-    GROUP BY h.process_id, h.hour
-)
-SELECT c.process_id, c.hour, c.nb_blocks, c.checksum, c.nb_spans,
+# is materialised, both read from one row each (``otel_block_hours``, kept in the writers'
+# transactions, and ``otel_partitions``): the cost follows the partitions, not their blocks.
+# Two ways to name them: hours of a process set overlapping a window, or explicit
+# (process, hour) keys (the trace lookup's).
+_CUR_SQL = """
+SELECT c.process_id, c.hour, c.nb_blocks, c.block_checksum, c.nb_spans,
        p.nb_blocks, p.block_checksum, p.schema_version, p.nb_rows
-FROM cur c LEFT JOIN otel_partitions p USING (process_id, hour)
+FROM hours h
+JOIN otel_block_hours c ON c.process_id = h.process_id AND c.hour = h.hour
+LEFT JOIN otel_partitions p ON p.process_id = c.process_id AND p.hour = c.hour
 ORDER BY c.process_id, c.hour
 """
 
+# An hour overlaps the window when its blocks' event-time bounds do (a superset of the hours
+# with an overlapping block: such an hour simply yields no row); the GiST index on the bounds
+# finds them without reading the hours before.
+_OVERLAP = (
+    "h.min_time IS NOT NULL"
+    " AND tstzrange(h.min_time, h.max_time, '[]') && tstzrange(%(begin)s, %(end)s, '[]')"
+)
+
 _STATES_SQL = (
-    """
+    f"""
 WITH hours AS (
-    SELECT DISTINCT b.process_id, date_bin('1 hour', b.insert_time, 'epoch') AS hour
-    FROM otel_blocks b
-    WHERE b.process_id = ANY(%(pids)s)
-      AND b.begin_time <= %(end)s AND greatest(b.end_time, b.begin_time) >= %(begin)s
+    SELECT h.process_id, h.hour FROM otel_block_hours h
+    WHERE h.process_id = ANY(%(pids)s) AND {_OVERLAP}
 )"""
     + _CUR_SQL
 )
@@ -238,8 +240,8 @@ def partition_states(
 ) -> list[PartitionState]:
     """The partitions holding spans of ``process_ids`` that may overlap ``window``.
 
-    Hours are those of the blocks whose event-time range overlaps the window; each partition
-    then stands for every block inserted in its hour.
+    Hours are those whose blocks' event-time bounds overlap the window; each partition then
+    stands for every block inserted in its hour.
     """
     if not process_ids:
         return []
@@ -282,15 +284,14 @@ def partition_states_for_keys(
 def processes_in_window(
     conn: psycopg.Connection, window: TimeWindow, limit: int
 ) -> list[uuid.UUID]:
-    """Processes with blocks overlapping ``window``, at most ``limit`` of them (sorted).
+    """Processes with hours overlapping ``window``, at most ``limit`` of them (sorted).
 
     Callers ask for one more than they accept, to tell "exactly the limit" from "more".
     """
     rows = conn.execute(
-        "SELECT DISTINCT process_id FROM otel_blocks"
-        " WHERE begin_time <= %s AND greatest(end_time, begin_time) >= %s"
-        " ORDER BY 1 LIMIT %s",
-        (window.end or _INF_FUTURE, window.begin or _INF_PAST, limit),
+        f"SELECT DISTINCT h.process_id FROM otel_block_hours h WHERE {_OVERLAP}"
+        " ORDER BY 1 LIMIT %(limit)s",
+        {"end": window.end or _INF_FUTURE, "begin": window.begin or _INF_PAST, "limit": limit},
     ).fetchall()
     return [r[0] for r in rows]
 

@@ -38,7 +38,7 @@ from otelspans_fdw.lake.filters import request_expression
 from otelspans_fdw.lake.partitions import PartitionState
 from otelspans_fdw.objstore import ObjectStore
 from otelspans_fdw.quals import ScanRequest, TimeWindow
-from otelspans_fdw.traces import blocks_for_traces
+from otelspans_fdw.traces import TraceBlock, blocks_for_traces
 
 __all__ = ["ScanLimits", "ScanReport", "Scope", "SpansLake", "route"]
 
@@ -46,6 +46,10 @@ __all__ = ["ScanLimits", "ScanReport", "Scope", "SpansLake", "route"]
 ROWS_PER_TRACE_BLOCK = 4
 #: Parsed footers of partition files, per backend (files are immutable; see lake/footers.py).
 FOOTERS = footers.FooterCache()
+#: The last statement's trace-index answer: ((statement time, trace ids), blocks).
+_TRACE_BLOCKS: tuple[tuple[dt.datetime | None, frozenset[str] | None], list[TraceBlock]] | None = (
+    None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +204,19 @@ class SpansLake:
             return Scope(req, states, len(pids), r)
         raise InvalidQueryError("otel_spans needs a process_id, trace_id or time condition")
 
+    def _trace_blocks(self, trace_ids: frozenset[str] | None) -> list[TraceBlock]:
+        """The trace index's blocks, looked up once per statement: planning (the estimate)
+        and execution of one statement see the same blocks, as they would in one snapshot."""
+        global _TRACE_BLOCKS
+        key = (self.now, trace_ids)
+        if self.now is not None and _TRACE_BLOCKS is not None and _TRACE_BLOCKS[0] == key:
+            return _TRACE_BLOCKS[1]
+        blocks = blocks_for_traces(self.conn, sorted(trace_ids or ()))
+        _TRACE_BLOCKS = (key, blocks) if self.now is not None else None
+        return blocks
+
     def _trace_scope(self, req: ScanRequest) -> Scope:
-        blocks = blocks_for_traces(self.conn, sorted(req.trace_ids or ()))
+        blocks = self._trace_blocks(req.trace_ids)
         if not blocks:
             return Scope(dataclasses.replace(req, matches_nothing=True), [], 0, "trace")
         keys = sorted({(b.process_id, partitions.hour_of(b.insert_time)) for b in blocks})
@@ -335,11 +350,9 @@ class SpansLake:
         after: tuple[dt.datetime, uuid.UUID] | None = None
         while spans < limit:
             rows = self.conn.execute(
-                "SELECT process_id, date_bin('1 hour', insert_time, 'epoch') AS hour,"
-                " sum(nb_spans) FROM otel_blocks GROUP BY 1, 2"
-                " HAVING %(h)s::timestamptz IS NULL"
-                " OR (date_bin('1 hour', insert_time, 'epoch'), process_id) < (%(h)s, %(p)s)"
-                " ORDER BY 2 DESC, 1 DESC LIMIT %(n)s",
+                "SELECT process_id, hour, nb_spans FROM otel_block_hours"
+                " WHERE %(h)s::timestamptz IS NULL OR (hour, process_id) < (%(h)s, %(p)s)"
+                " ORDER BY hour DESC, process_id DESC LIMIT %(n)s",
                 {"h": after and after[0], "p": after and after[1], "n": _PREVIEW_BATCH},
             ).fetchall()
             for pid, hour, n in rows:
@@ -379,8 +392,7 @@ class SpansLake:
         if req.is_empty or route(req) == "none":
             return 0
         if route(req) == "trace":
-            blocks = blocks_for_traces(self.conn, sorted(req.trace_ids or ()))
-            return ROWS_PER_TRACE_BLOCK * len(blocks)
+            return ROWS_PER_TRACE_BLOCK * len(self._trace_blocks(req.trace_ids))
         return sum(s.nb_spans for s in self.scope(req).states)
 
     def scan(
@@ -394,7 +406,16 @@ class SpansLake:
         if scope.route == "trace":
             sel = self._select_row_groups(scope, files, report)
             expr = request_expression(scope.req)
-            return footers.open_selected(self.store, sel, list(columns), expr), report
+            filter_columns = ["start_time", "end_time", *(p.column for p in scope.req.predicates)]
+            reader = footers.read_trace_rows(
+                self.store,
+                sel,
+                list(columns),
+                sorted(scope.req.trace_ids or ()),
+                expr,
+                filter_columns,
+            )
+            return reader, report
         reader, st = parquet.open_scan(
             self.store,
             [f.path for f in files],
