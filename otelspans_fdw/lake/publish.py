@@ -131,13 +131,9 @@ def materialise_stale(
     """Bring every partition up to the blocks ingested so far (the Iceberg table must hold
     every span, not only what queries happened to read); return the spans it had to
     materialise.  More than ``max_stale_spans`` is refused before any work, as for a query."""
-    keys = [
-        (r[0], r[1])
-        for r in conn.execute(
-            "SELECT DISTINCT process_id, date_bin('1 hour', insert_time, 'epoch')"
-            " FROM otel_blocks ORDER BY 1, 2"
-        )
-    ]
+    from otelspans_fdw.lake.materialise import stale_partitions
+
+    keys = stale_partitions(conn)  # from the hour summaries, not a pass over the blocks
     stale = [s for s in partitions.partition_states_for_keys(conn, keys) if not s.fresh]
     spans = sum(max(s.nb_spans - (s.stored_rows or 0), 0) for s in stale)
     if max_stale_spans is not None and spans > max_stale_spans:
