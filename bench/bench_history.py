@@ -71,8 +71,9 @@ def ingest(dsn: str, store: LocalStore, spans: int, processes: int) -> list[str]
 
 
 def add_history(conn: psycopg.Connection, from_day: int, to_day: int) -> int:
-    """Blocks for days ``[from_day, to_day)`` before ``BASE`` (metadata rows only), one per
-    process every 10 s, one transaction per day; returns the number inserted."""
+    """Blocks for days ``[from_day, to_day)`` before ``HISTORY_END`` (metadata rows only), one
+    per process every 10 s, inserted as their spans end (so strictly before ``HISTORY_END``),
+    one transaction per day; returns the number inserted."""
     added = 0
     for day in range(from_day, to_day):
         hi = HISTORY_END - dt.timedelta(days=day)
@@ -85,7 +86,7 @@ def add_history(conn: psycopg.Connection, from_day: int, to_day: int) -> int:
                    (extract(epoch FROM t) * 1e9)::int8,
                    (extract(epoch FROM t + interval '9 seconds') * 1e9)::int8,
                    40, 4000, 'history/absent/' || s.process_id || '/' || extract(epoch FROM t),
-                   t + interval '10 seconds'
+                   t + interval '9 seconds'
             FROM otel_streams s,
                  generate_series(%s::timestamptz, %s::timestamptz - interval '10 seconds',
                                  interval '10 seconds') AS t
