@@ -157,6 +157,7 @@ def test_window_bounds_give_an_error_with_a_hint(tdb: TraceDB) -> None:
     assert "more than max_stale_spans (5)" in e.value.diag.message_primary
     hint = e.value.diag.message_hint or ""
     assert "process_id" in hint and "narrower windows" in hint and "max_stale_spans" in hint
+    assert "otelspans materialise" in hint
     # ...and once narrower queries have materialised it, the wide one only reads.
     for pid in {r["process_id"] for r in tdb.expected}:
         tdb.rows("SELECT count(*) FROM otel_spans WHERE process_id = %s", (pid,))

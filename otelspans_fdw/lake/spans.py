@@ -242,9 +242,10 @@ class SpansLake:
             f"otel_spans: this query would materialise {spans} spans first ({len(stale)} stale"
             f" partitions of {len(states)}, {processes} processes), more than max_stale_spans"
             f" ({limit}) for a query without process_id or trace_id",
-            hint="Materialise ahead of time: run it on narrower windows first, or per process"
-            " (WHERE process_id = '<uuid>', or a join with otel_processes); what they"
-            " materialise stays fresh, and the wide query then only reads. For"
+            hint="Materialise ahead of time: run `otelspans materialise` (or keep"
+            " `otelspans materialise --follow` running), or run it on narrower windows first,"
+            " or per process (WHERE process_id = '<uuid>', or a join with otel_processes);"
+            " what they materialise stays fresh, and the wide query then only reads. For"
             " otel_service_map(begin, end), call it on a shorter range first. Or raise the"
             " limit: ALTER SERVER otel_spans_server OPTIONS (SET max_stale_spans '10000000')"
             " (ADD the first time).",
