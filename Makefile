@@ -50,8 +50,8 @@ ext-install: ext
 	$(MAKE) -C ext PG_CONFIG=$(PG_CONFIG) OTELSPANS_VENV=$(VENV) install
 
 lint: venv
-	$(PY) -m ruff check otelspans_fdw tests bench
-	$(PY) -m ruff format --check otelspans_fdw tests bench
+	$(PY) -m ruff check otelspans_fdw tests bench compat
+	$(PY) -m ruff format --check otelspans_fdw tests bench compat
 
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

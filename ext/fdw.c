@@ -20,6 +20,7 @@
 #include "otelspans.h"
 
 #include "access/table.h"
+#include "catalog/pg_collation.h"
 #include "commands/explain.h"
 #include "foreign/fdwapi.h"
 #include "foreign/foreign.h"
@@ -143,6 +144,10 @@ otelspans_fdw_handler(PG_FUNCTION_ARGS)
 	/* EXPLAIN */
 	routine->ExplainForeignScan = pyhostExplainForeignScan;
 
+	/* The writable API (modify.c) and IMPORT FOREIGN SCHEMA (import.c) */
+	pyhost_modify_routine(routine);
+	pyhost_import_routine(routine);
+
 	PG_RETURN_POINTER(routine);
 }
 
@@ -226,6 +231,7 @@ pyhostGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 					   &info->attrs_used);
 
 	instance = info->instance = pyhost_get_instance(foreigntableid, NULL);
+	pyhost_xact_use(foreigntableid, instance);
 	quals = pyhost_plan_quals_to_python(root, pyhost_extract_quals(root, baserel,
 																   baserel->baserestrictinfo),
 										tupdesc);
@@ -452,7 +458,9 @@ query_sortkeys(PlannerInfo *root, RelOptInfo *baserel)
 		res = lappend(res, list_make4(makeInteger(found->varattno),
 									  makeBoolean(pk->pk_strategy == BTGreaterStrategyNumber),
 									  makeBoolean(pk->pk_nulls_first),
-									  makeString(OidIsValid(ec->ec_collation) ?
+									  /* None for the default collation, as multicorn2 */
+									  makeString(OidIsValid(ec->ec_collation) &&
+												 ec->ec_collation != DEFAULT_COLLATION_OID ?
 												 get_collation_name(ec->ec_collation) : "")));
 	}
 	return res;
@@ -700,6 +708,7 @@ pyhostBeginForeignScan(ForeignScanState *node, int eflags)
 
 	st->instance = pyhost_get_instance(RelationGetRelid(rel), &st->column_names);
 	Py_INCREF(st->instance);	/* survives a rebuild of the cache entry */
+	pyhost_xact_use(RelationGetRelid(rel), st->instance);
 	foreach(lc, (List *) list_nth(private, FdwScanPrivateQuals))
 		st->quals = lappend(st->quals, pyhost_qual_from_private(lfirst(lc), fsplan->fdw_exprs));
 	st->qual_exprs = ExecInitExprList(fsplan->fdw_exprs, (PlanState *) node);
@@ -918,7 +927,11 @@ pyhostIterateForeignScan(ForeignScanState *node)
 		st->result = NULL;
 	}
 	else
+		row = NULL;
+	/* A None row is skipped, as multicorn2 skips it. */
+	while (row == NULL || row == Py_None)
 	{
+		Py_XDECREF(row);
 		if (st->iterator == NULL)
 			return slot;
 		CHECK_FOR_INTERRUPTS();
@@ -982,6 +995,8 @@ pyhostEndForeignScan(ForeignScanState *node)
 	if (st == NULL || st->scan_cxt == NULL)
 		return;
 	reset_scan(st);
+	if (st->instance)
+		pyhost_call_hook(st->instance, "end_scan");
 	scan_release(st);
 }
 

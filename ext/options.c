@@ -102,7 +102,7 @@ append_options(StringInfo sig, const char *what, List *options)
 }
 
 /* The options of the current user's mapping, else PUBLIC's, else none. */
-static List *
+List *
 user_mapping_options(Oid serverid)
 {
 	Oid			users[2] = {GetUserId(), InvalidOid};

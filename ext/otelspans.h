@@ -13,6 +13,9 @@
  *	arrow.c		Arrow C Data Interface -> tuples, column by column
  *	functions.c	SQL-callable functions (the Python call bridge)
  *	upper.c		grouping, aggregates, ORDER BY and LIMIT pushed to the wrapper
+ *	modify.c	INSERT/UPDATE/DELETE through the writable API
+ *	xact.c		transaction and subtransaction hooks, end_scan/end_modify
+ *	import.c	IMPORT FOREIGN SCHEMA through import_schema
  *
  * IDENTIFICATION
  *		  ext/otelspans.h
@@ -112,6 +115,32 @@ extern PyObject *pyhost_get_instance(Oid foreigntableid, PyObject **column_names
 /* option_rights.c: superuser-only and server-only options; the lake's role. */
 extern void pyhost_check_option_rights(const char *name, Oid catalog);
 extern char *pyhost_extension_owner(void);
+/* The options of the current user's mapping, else PUBLIC's, else NIL. */
+extern List *user_mapping_options(Oid serverid);
+
+/* ---------------------------------------------------------------------
+ * xact.c
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * The backend uses `instance` (of table `relid`) in the current transaction:
+ * the first time, begin(serializable); then sub_begin(level) for each
+ * savepoint level it has not seen.  Commit, rollback and savepoint ends
+ * reach the instances that joined.
+ */
+extern void pyhost_xact_use(Oid relid, PyObject *instance);
+
+/* Call an optional no-argument hook (end_scan, end_modify); ERROR if it raises. */
+extern void pyhost_call_hook(PyObject *instance, const char *name);
+
+/* ---------------------------------------------------------------------
+ * modify.c, import.c: fill in their callbacks of the FDW routine
+ * ---------------------------------------------------------------------
+ */
+struct FdwRoutine;
+extern void pyhost_modify_routine(struct FdwRoutine *routine);
+extern void pyhost_import_routine(struct FdwRoutine *routine);
 
 /* ---------------------------------------------------------------------
  * quals.c

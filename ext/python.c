@@ -266,6 +266,9 @@ pyhost_ensure_initialized(void)
 	traceback_format = pyhost_check(import_attr("traceback", "format_exception"), "import traceback");
 	api_module = pyhost_check(PyImport_ImportModule("otelspans_fdw.multicorn_api"),
 							  "import otelspans_fdw.multicorn_api");
+	/* `import multicorn` in a wrapper written for multicorn2 gets this API */
+	Py_DECREF(pyhost_check(PyObject_CallMethod(api_module, "install_multicorn_alias", NULL),
+						   "install_multicorn_alias"));
 }
 
 /*

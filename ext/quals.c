@@ -143,14 +143,27 @@ extract_one(PlannerInfo *root, RelOptInfo *baserel, Expr *clause)
 		((Var *) clause)->vartype == BOOLOID)
 		return new_qual((Node *) clause, "=", QUAL_LIST_NONE, QUAL_VALUE_EXPR,
 						(Expr *) makeBoolConst(true, false));
+	/* NOT col is ('<>', True), as multicorn2 gives it */
 	if (is_notclause(clause))
 	{
 		Expr	   *arg = get_notclausearg(clause);
 
 		if (IsA(arg, Var) && is_own_column((Node *) arg, baserel) &&
 			((Var *) arg)->vartype == BOOLOID)
-			return new_qual((Node *) arg, "=", QUAL_LIST_NONE, QUAL_VALUE_EXPR,
-							(Expr *) makeBoolConst(false, false));
+			return new_qual((Node *) arg, "<>", QUAL_LIST_NONE, QUAL_VALUE_EXPR,
+							(Expr *) makeBoolConst(true, false));
+	}
+	/* col IS [NOT] TRUE / FALSE / UNKNOWN: ('IS' or 'IS NOT', True / False / None) */
+	if (IsA(clause, BooleanTest) && is_own_column((Node *) ((BooleanTest *) clause)->arg, baserel))
+	{
+		BooleanTest *bt = (BooleanTest *) clause;
+		bool		negated = bt->booltesttype == IS_NOT_TRUE ||
+			bt->booltesttype == IS_NOT_FALSE || bt->booltesttype == IS_NOT_UNKNOWN;
+		bool		unknown = bt->booltesttype == IS_UNKNOWN || bt->booltesttype == IS_NOT_UNKNOWN;
+		bool		value = bt->booltesttype == IS_TRUE || bt->booltesttype == IS_NOT_TRUE;
+
+		return new_qual((Node *) bt->arg, negated ? "IS NOT" : "IS", QUAL_LIST_NONE,
+						QUAL_VALUE_EXPR, (Expr *) makeBoolConst(value, unknown));
 	}
 	return NULL;
 }

@@ -58,6 +58,8 @@ class LocalCluster:
     auth_host: str = "trust"
     #: the superuser's password (required when TCP needs one)
     password: str | None = None
+    #: Environment of the postmaster (e.g. ``PYTHONPATH`` for a host that has no setting for it).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def datadir(self) -> Path:
@@ -144,6 +146,7 @@ class LocalCluster:
         subprocess.run(
             _as_service_user(
                 [
+                    *(["env", *(f"{k}={v}" for k, v in self.env.items())] if self.env else []),
                     str(PG_BINDIR / "pg_ctl"),
                     "-D",
                     str(self.datadir),

@@ -48,25 +48,36 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import psycopg
 import pyarrow as pa
 
 try:
-    from multicorn import ForeignDataWrapper  # type: ignore[import-not-found]
-    from multicorn.utils import WARNING, log_to_postgres  # type: ignore[import-not-found]
-
-    _OUR_HOST = False
-except ImportError:
-    from otelspans_fdw.multicorn_api import WARNING, ForeignDataWrapper, log_to_postgres
+    # Our host first: a multicorn2 Python package may be importable in its backend too.
+    import _otelspans_host  # type: ignore[import-not-found]  # noqa: F401
 
     _OUR_HOST = True
+except ImportError:
+    _OUR_HOST = False
+try:
+    if _OUR_HOST:
+        raise ImportError("our host: its own API")
+    from multicorn import ForeignDataWrapper  # type: ignore[import-not-found]
+    from multicorn.utils import ERROR, WARNING, log_to_postgres  # type: ignore[import-not-found]
+except ImportError:  # our host, or outside any backend
+    from otelspans_fdw.multicorn_api import ERROR, WARNING, ForeignDataWrapper, log_to_postgres
 
-from otelspans_fdw import backend, db
-from otelspans_fdw.exceptions import ConfigurationError, InvalidQueryError, MetadataError
+from otelspans_fdw import backend, db, qualvalues
+from otelspans_fdw.exceptions import (
+    ConfigurationError,
+    InvalidQueryError,
+    MetadataError,
+    OtelSpansError,
+)
 from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import file_mode, shared_files, store_from_options
@@ -137,6 +148,31 @@ def _interval(conn: psycopg.Connection, text: str) -> dt.timedelta:
     return td
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reported(method: _F) -> _F:
+    """Our errors leave through ``log_to_postgres(msg, ERROR, hint=..., detail=...)``.
+
+    Our host reads the exception's ``hint``, ``detail`` and ``sqlstate`` itself; multicorn2
+    reports any other exception as ``Error in python: <class>`` with the message moved to
+    DETAIL and the HINT lost, and keeps message, HINT and DETAIL only for errors raised by its
+    ``log_to_postgres`` (whose SQLSTATE is always XX000: it has no way to set one).
+    """
+    if _OUR_HOST:
+        return method
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OtelSpansError as e:
+            log_to_postgres(str(e), ERROR, hint=e.hint, detail=e.detail)
+            raise  # not reached: log_to_postgres raises at ERROR
+
+    return call  # type: ignore[return-value]
+
+
 class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     """Spans of the processes named by the quals, refreshed just in time."""
 
@@ -181,7 +217,10 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
 
     def _request(self, quals: list[Any]) -> ScanRequest:
         info = backend.backend_info()
-        return scan_request(quals, timezone=session_zone(info.timezone if info else None))
+        zone = info.timezone if info and info.timezone else None
+        if zone is None and not _OUR_HOST:
+            zone = qualvalues.session_timezone()
+        return scan_request(quals, timezone=session_zone(zone))
 
     def _columns(self, columns: Iterable[str]) -> list[str]:
         cols = [c for c in COLUMN_NAMES if c in set(columns)]
@@ -190,6 +229,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
 
     # -- Multicorn API ----------------------------------------------------------------------
 
+    @_reported
     def execute(
         self,
         quals: list[Any],
@@ -212,6 +252,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             return reader
         return _rows(reader)
 
+    @_reported
     def get_rel_size(self, quals: list[Any], columns: Iterable[str]) -> tuple[Any, ...]:
         """Rows from the blocks' span counts of the requested processes/traces and window.
 
@@ -264,6 +305,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         the scan into a preview of the newest spans (PostgreSQL still applies the LIMIT)."""
         return limit is not None and not offset
 
+    @_reported
     def get_path_keys(self) -> list[tuple[tuple[str, ...], int]]:
         """``process_id`` given by equality (e.g. from a join) cuts the rows to one process,
         ``trace_id`` to one trace (found across processes through the trace index)."""
@@ -284,10 +326,16 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             except psycopg.Error:
                 pass
             self._path_rows = (now, rows)
-        return [
+        keys = [
             (("process_id",), max(self._path_rows[1], 1)),
             (("trace_id",), max(self.rows_per_trace, 1)),
         ]
+        if not _OUR_HOST:
+            # multicorn2 3.2's EXPLAIN converts a parameterized qual's value without evaluating
+            # it: a NULL pointer, which text survives ("?") and uuid does not (the backend
+            # crashes).  So no parameterized path on process_id under multicorn2.
+            keys = keys[1:]
+        return keys
 
     def can_pushdown_upper(self, query: dict[str, Any]) -> bool:
         """Grouping, aggregates and top-N are answered on the Parquet columns when every
@@ -329,6 +377,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
                 return dataclasses.replace(req, window=TimeWindow(begin=_EPOCH))
             k *= 4
 
+    @_reported
     def explain(
         self,
         quals: list[Any],
@@ -375,9 +424,12 @@ def _rows(reader: pa.RecordBatchReader) -> Iterator[dict[str, Any]]:
     """Rows as dicts, for hosts without the Arrow path (multicorn2): slow but correct."""
     import uuid
 
-    for batch in reader:
-        for row in batch.to_pylist():
-            for k in ("process_id", "stream_id", "block_id"):
-                if isinstance(row.get(k), bytes):
-                    row[k] = uuid.UUID(bytes=row[k])
-            yield row
+    try:
+        for batch in reader:
+            for row in batch.to_pylist():
+                for k in ("process_id", "stream_id", "block_id"):
+                    if isinstance(row.get(k), bytes):
+                        row[k] = uuid.UUID(bytes=row[k])
+                yield row
+    except OtelSpansError as e:  # raised while reading: same report as from execute()
+        log_to_postgres(str(e), ERROR, hint=e.hint, detail=e.detail)

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from otelspans_fdw.qualvalues import normalise
+
 __all__ = [
     "PROCESS_ATTRS",
     "Op",
@@ -278,6 +280,7 @@ def _narrow_window(
 def scan_request(quals: Iterable[QualLike], *, timezone: Any = None) -> ScanRequest:
     """Translate the quals the host offers into a :class:`ScanRequest`; ``timezone`` (a
     ``tzinfo``, see :func:`session_zone`) reads ``timestamp`` and ``date`` values."""
+    quals = normalise(quals)
     pids: frozenset[uuid.UUID] | None = None
     tids: frozenset[str] | None = None
     window = TimeWindow()

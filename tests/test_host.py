@@ -128,7 +128,7 @@ def test_const_quals_of_every_form(db: Session) -> None:
     assert "data|=|b'\\x05\\x00\\xff'|bytes" in line
     assert "tags|=|['t5', 'x']|list[str]" in line
     assert "f|<=|2.5|float" in line
-    assert "flag|=|False|bool" in line
+    assert "flag|<>|True|bool" in line
     assert "nothing|=|None|NoneType" in line
     assert "name|<>|None|NoneType" in line
 
