@@ -88,6 +88,9 @@ def run_file(cluster: LocalCluster, tree: Path, name: str) -> bool:
     ]
     env = {**os.environ, "PGUSER": "postgres"}
     r = subprocess.run(argv, cwd=tree, capture_output=True, text=True, env=env, check=False)
+    diffs = tree / "results" / "regression.diffs"
+    if diffs.exists():
+        diffs.rename(tree / "results" / f"{name}.diffs")
     with psycopg.connect(cluster.dsn(), autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     return r.returncode == 0

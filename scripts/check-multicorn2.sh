@@ -53,6 +53,12 @@ make -s -C "$build" PG_CONFIG="$copy_config" PYTHON=/usr/bin/python3 PIP=true in
     || { tail -30 "$work/multicorn2-build.log"; exit 1; }
 mkdir -p "$work/py"
 cp -a "$build/python/multicorn" "$work/py/"
+# Its Python package's C helper (log_to_postgres below ERROR goes through it), as its
+# setup.py would build it.
+gcc -shared -fPIC -O2 $(/usr/bin/python3-config --includes) \
+    -I"$("$copy_config" --includedir)" -I"$("$copy_config" --pkgincludedir)" \
+    -I"$("$copy_config" --includedir-server)" "$build/src/utils.c" \
+    -o "$work/py/multicorn/_utils$(/usr/bin/python3-config --extension-suffix)"
 grep -o "default_version = '[^']*'" "$build/multicorn.control"
 
 echo "== building the otelspans extension into the copy"
