@@ -412,7 +412,7 @@ add_parameterized_paths(PlannerInfo *root, RelOptInfo *baserel, PyObject *instan
 
 			rows = clamp_row_est(rows);
 			path = create_foreignscan_path(root, baserel, NULL, rows, startup_cost,
-										   startup_cost + rows * per_row, NIL,
+										   Max(startup_cost, rows * per_row), NIL,
 										   required_outer, NULL, NIL);
 			add_path(baserel, (Path *) path);
 		}
@@ -503,11 +503,18 @@ pyhostGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 	PyhostRelInfo *info = baserel->fdw_private;
 	TupleDesc	tupdesc = info->tupdesc;
 	PyObject   *instance = info->instance;
-	Cost		startup_cost = 100.0;	/* a Python call */
-	double		per_row = cpu_tuple_cost * 2 + info->width * 0.0001;
+	Cost		startup_cost = 20.0;
+	/* multicorn2's cost: the wrapper's _startup_cost to start, rows * width in all */
+	double		per_row = Max(info->width, 1);
 	List	   *sortkeys;
+	PyObject   *sc = PyObject_GetAttrString(instance, "_startup_cost");
 
-	Cost		total_cost = startup_cost + baserel->rows * per_row;
+	if (sc != NULL && PyNumber_Check(sc))
+		startup_cost = PyFloat_AsDouble(sc);
+	Py_XDECREF(sc);
+	PyErr_Clear();
+
+	Cost		total_cost = Max(startup_cost, baserel->rows * per_row);
 
 	/*
 	 * The wrapper's own cost of an unparameterized scan matters only where
@@ -535,15 +542,35 @@ pyhostGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 		pyhost_leave();
 		Py_DECREF(py_keys);
 		pyhost_check(res, "can_sort");
-		n = PySequence_Check(res) ? PySequence_Size(res) : 0;
+		/* the leading keys the wrapper took, in the query's order */
+		n = 0;
+		if (PySequence_Check(res))
+		{
+			Py_ssize_t	len = PySequence_Size(res);
+
+			while (n < len && n < list_length(sortkeys))
+			{
+				PyObject   *key = PySequence_GetItem(res, n);
+				PyObject   *attnum = key ? PyObject_GetAttrString(key, "attnum") : NULL;
+				long		a = attnum ? PyLong_AsLong(attnum) : -1;
+
+				Py_XDECREF(attnum);
+				Py_XDECREF(key);
+				if (a != intVal(linitial((List *) list_nth(sortkeys, n))))
+					break;
+				n++;
+			}
+		}
 		Py_DECREF(res);
 		PyErr_Clear();
-		if (n == list_length(sortkeys))
+		/* all of the ORDER BY, or (as multicorn2) a leading part of it */
+		if (n > 0 && n <= list_length(sortkeys))
 			add_path(baserel, (Path *)
 					 create_foreignscan_path(root, baserel, NULL, baserel->rows,
 											 startup_cost,
-											 startup_cost + baserel->rows * per_row,
-											 root->query_pathkeys, NULL, NULL, sortkeys));
+											 Max(startup_cost, baserel->rows * per_row),
+											 list_truncate(list_copy(root->query_pathkeys), n),
+											 NULL, NULL, list_truncate(list_copy(sortkeys), n)));
 	}
 }
 

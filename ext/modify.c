@@ -8,8 +8,8 @@
  * every row (a row identity column of the scan), then call
  * update(rowid, newvalues) and delete(rowid).  INSERT calls
  * insert(values), or bulk_insert(list) with batches of modify_batch_size
- * rows when that is above 1 (PostgreSQL batches only INSERTs without
- * RETURNING).  values and newvalues are dicts of every column.  A dict
+ * rows when that is above 1 (not with RETURNING, whose rows a batch cannot
+ * give back).  values and newvalues are dicts of every column.  A dict
  * returned by insert/update is the row as stored (RETURNING shows it);
  * None means the values as given.  A DELETE ... RETURNING shows the deleted
  * row as the scan read it.  end_modify() is called when the statement's
@@ -270,8 +270,12 @@ static int
 pyhostGetForeignModifyBatchSize(ResultRelInfo *rinfo)
 {
 	ModifyState *ms = rinfo->ri_FdwState;
-	PyObject   *v = PyObject_GetAttrString(ms->instance, "modify_batch_size");
+	PyObject   *v;
 	long		n = 1;
+
+	if (ms == NULL)
+		return 1;				/* COPY or tuple routing: no BeginForeignModify */
+	v = PyObject_GetAttrString(ms->instance, "modify_batch_size");
 
 	if (v == NULL)
 		PyErr_Clear();			/* a wrapper not derived from ForeignDataWrapper */
@@ -282,10 +286,11 @@ pyhostGetForeignModifyBatchSize(ResultRelInfo *rinfo)
 		if (n == -1 && PyErr_Occurred())
 			pyhost_report_error("modify_batch_size");
 	}
-	/* PostgreSQL batches only plain INSERTs */
-	if (rinfo->ri_projectReturning || rinfo->ri_WithCheckOptions ||
-		(rinfo->ri_TrigDesc && (rinfo->ri_TrigDesc->trig_insert_before_row ||
-								rinfo->ri_TrigDesc->trig_insert_after_row)))
+	/*
+	 * A batch returns no RETURNING rows, so RETURNING goes row by row.  AFTER
+	 * ROW triggers see the rows bulk_insert returns, as under multicorn2.
+	 */
+	if (rinfo->ri_projectReturning || rinfo->ri_WithCheckOptions)
 		return 1;
 	return n > 1 ? (int) Min(n, 10000) : 1;
 }

@@ -58,6 +58,7 @@ otelspans_fdw_validator(PG_FUNCTION_ARGS)
 	List	   *options = untransformRelOptions(PG_GETARG_DATUM(0));
 	Oid			catalog = PG_GETARG_OID(1);
 	ListCell   *lc;
+	bool		has_wrapper = false;
 
 	foreach(lc, options)
 	{
@@ -66,11 +67,13 @@ otelspans_fdw_validator(PG_FUNCTION_ARGS)
 		pyhost_check_option_rights(def->defname, catalog);
 		if (strcmp(def->defname, "wrapper") != 0)
 			continue;
+		has_wrapper = true;
+		/* multicorn2's messages */
 		if (catalog != ForeignServerRelationId)
 			ereport(ERROR,
 					(errcode(ERRCODE_FDW_INVALID_OPTION_NAME),
-					 errmsg("option \"wrapper\" can only be set on a foreign server"),
-					 errhint("Set the Python class with CREATE SERVER ... OPTIONS (wrapper 'module.Class').")));
+					 errmsg("Cannot set the wrapper class on the table"),
+					 errhint("Set it on the server")));
 		if (!superuser())
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -83,6 +86,12 @@ otelspans_fdw_validator(PG_FUNCTION_ARGS)
 					 errmsg("invalid value for option \"wrapper\": \"%s\"", defGetString(def)),
 					 errhint("Give the class as module.Class, for example tests.wrappers.Rows.")));
 	}
+	/* A server names its class: without one, refused now rather than at the first scan. */
+	if (catalog == ForeignServerRelationId && !has_wrapper)
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_OPTION_NAME_NOT_FOUND),
+				 errmsg("The wrapper parameter is mandatory, specify a valid class name"),
+				 errhint("CREATE SERVER ... FOREIGN DATA WRAPPER otelspans_fdw OPTIONS (wrapper 'module.Class'); only a superuser may set it.")));
 	PG_RETURN_VOID();
 }
 

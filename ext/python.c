@@ -470,14 +470,26 @@ pyhost_report_error(const char *context)
 	if (sqlstate != NULL && strlen(sqlstate) == 5)
 		code = MAKE_SQLSTATE(sqlstate[0], sqlstate[1], sqlstate[2], sqlstate[3], sqlstate[4]);
 
+	/*
+	 * A plain Python exception (no hint, detail or SQLSTATE of its own) reads
+	 * as multicorn2 shows it: the class in the message, its text in DETAIL.
+	 */
+	if (sqlstate == NULL && hint == NULL && detail == NULL && typename != NULL)
+	{
+		const char *dot = strrchr(typename, '.');
+
+		detail = message && *message ? message : NULL;
+		message = psprintf("Error in python: %s", dot ? dot + 1 : typename);
+	}
+
 	ereport(ERROR,
 			(errcode(code),
 			 errmsg("%s", message && *message ? message : (typename ? typename : "Python error")),
 			 detail ? errdetail("%s", detail) : 0,
 			 hint ? errhint("%s", hint) : 0,
+			 /* what was called goes to the log only: multicorn2 adds no CONTEXT line */
 			 traceback ? errdetail_log("Python %s (%s) failed:\n%s", context,
-									   typename ? typename : "exception", traceback) : 0,
-			 errcontext("Python wrapper call: %s", context)));
+									   typename ? typename : "exception", traceback) : 0));
 	pg_unreachable();
 }
 
@@ -749,15 +761,69 @@ pyhost_init_column_conv(PyhostColumnConv *conv, Form_pg_attribute att)
 	conv->elem = NULL;
 }
 
-/* Python list/tuple -> one-dimensional array of the column's element type. */
+static bool
+is_list(PyObject *obj)
+{
+	return PyList_Check(obj) || PyTuple_Check(obj);
+}
+
+/*
+ * The values of nested lists, depth first, into elems/nulls (`depth` counts
+ * the dimensions below this list); ERROR for sub-lists of unequal length.
+ */
+static void
+flatten_list(PyObject *obj, int ndims, int depth, int *dims, Datum *elems, bool *nulls,
+			 int *pos, PyhostColumnConv *conv)
+{
+	Py_ssize_t	n = PySequence_Size(obj);
+
+	if (n != dims[depth])
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("multidimensional arrays must have sub-arrays with matching dimensions"),
+				 errcontext("column \"%s\"", conv->attname)));
+	for (Py_ssize_t i = 0; i < n; i++)
+	{
+		PyObject   *item = PySequence_GetItem(obj, i);
+
+		if (item == NULL)
+			pyhost_report_error("reading a list");
+		if (depth + 1 < ndims)
+		{
+			if (!is_list(item))
+			{
+				Py_DECREF(item);
+				ereport(ERROR,
+						(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+						 errmsg("multidimensional arrays must have sub-arrays with matching dimensions"),
+						 errcontext("column \"%s\"", conv->attname)));
+			}
+			flatten_list(item, ndims, depth + 1, dims, elems, nulls, pos, conv);
+		}
+		else
+		{
+			elems[*pos] = pyhost_python_to_datum(item, conv->elem, &nulls[*pos]);
+			(*pos)++;
+		}
+		Py_DECREF(item);
+	}
+}
+
+/*
+ * Python list/tuple -> array of the column's element type; nested lists
+ * (of a non-array element type) give a multidimensional array.
+ */
 static Datum
 list_to_array(PyObject *obj, PyhostColumnConv *conv)
 {
-	Py_ssize_t	n = PySequence_Fast_GET_SIZE(obj);
-	Datum	   *elems = palloc(sizeof(Datum) * (n + 1));
-	bool	   *nulls = palloc(sizeof(bool) * (n + 1));
-	int			dims[1];
-	int			lbs[1] = {1};
+	int			dims[MAXDIM];
+	int			lbs[MAXDIM];
+	int			ndims = 0;
+	int			total = 1;
+	int			pos = 0;
+	PyObject   *probe = obj;
+	Datum	   *elems;
+	bool	   *nulls;
 
 	if (conv->elem == NULL)
 	{
@@ -773,11 +839,90 @@ list_to_array(PyObject *obj, PyhostColumnConv *conv)
 		get_typlenbyvalalign(elemtype, &conv->elemlen, &conv->elembyval, &conv->elemalign);
 		conv->elem = elem;
 	}
-	for (Py_ssize_t i = 0; i < n; i++)
-		elems[i] = pyhost_python_to_datum(PySequence_Fast_GET_ITEM(obj, i), conv->elem, &nulls[i]);
-	dims[0] = (int) n;
-	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, conv->elem->typid,
+	/* the shape, from the first element at each level */
+	for (;;)
+	{
+		Py_ssize_t	n = PySequence_Size(probe);
+
+		if (ndims == MAXDIM)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("number of array dimensions exceeds the maximum allowed (%d)", MAXDIM)));
+		dims[ndims] = (int) n;
+		lbs[ndims] = 1;
+		ndims++;
+		total *= (int) n;
+		if (n == 0)
+			break;
+		{
+			PyObject   *first = PySequence_GetItem(probe, 0);
+			bool		nested = first != NULL && is_list(first);
+
+			Py_XDECREF(first);	/* obj keeps it alive */
+			if (!nested)
+				break;
+			probe = first;
+		}
+	}
+	if (total == 0)
+		return PointerGetDatum(construct_empty_array(conv->elem->typid));
+	elems = palloc(sizeof(Datum) * total);
+	nulls = palloc(sizeof(bool) * total);
+	flatten_list(obj, ndims, 0, dims, elems, nulls, &pos, conv);
+	return PointerGetDatum(construct_md_array(elems, nulls, ndims, dims, lbs, conv->elem->typid,
 											  conv->elemlen, conv->elembyval, conv->elemalign));
+}
+
+/* A dict as hstore text ("k"=>"v", None as NULL), which multicorn2 sends for any dict. */
+static PyObject *
+dict_to_hstore_text(PyObject *dict)
+{
+	PyObject   *key;
+	PyObject   *value;
+	Py_ssize_t	i = 0;
+	StringInfoData buf;
+	PyObject   *res;
+
+	initStringInfo(&buf);
+	while (PyDict_Next(dict, &i, &key, &value))
+	{
+		PyObject   *parts[2] = {key, value};
+
+		if (buf.len > 0)
+			appendStringInfoString(&buf, ", ");
+		for (int k = 0; k < 2; k++)
+		{
+			PyObject   *s;
+			const char *u;
+
+			if (k == 1)
+				appendStringInfoString(&buf, "=>");
+			if (k == 1 && parts[k] == Py_None)
+			{
+				appendStringInfoString(&buf, "NULL");
+				continue;
+			}
+			s = PyObject_Str(parts[k]);
+			u = s ? PyUnicode_AsUTF8(s) : NULL;
+			if (u == NULL)
+			{
+				Py_XDECREF(s);
+				return NULL;
+			}
+			appendStringInfoChar(&buf, '"');
+			for (; *u; u++)
+			{
+				if (*u == '"' || *u == '\\')
+					appendStringInfoChar(&buf, '\\');
+				appendStringInfoChar(&buf, *u);
+			}
+			appendStringInfoChar(&buf, '"');
+			Py_DECREF(s);
+		}
+	}
+	res = PyUnicode_FromStringAndSize(buf.data, buf.len);
+	pfree(buf.data);
+	return res;
 }
 
 static Datum
@@ -803,6 +948,8 @@ via_str(PyObject *obj, PyhostColumnConv *conv)
 		(PyDict_Check(obj) || PyList_Check(obj) || PyTuple_Check(obj) ||
 		 PyBool_Check(obj) || PyLong_Check(obj) || PyFloat_Check(obj)))
 		s = PyObject_CallFunctionObjArgs(json_dumps, obj, NULL);
+	else if (PyDict_Check(obj))
+		s = dict_to_hstore_text(obj);
 	else if (PyBytes_Check(obj))
 		s = PyUnicode_FromEncodedObject(obj, "utf-8", "strict");
 	else

@@ -266,7 +266,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         req = self._request(quals)
         if route(req) == "none":
             if _OUR_HOST:
-                return (max(self._total_spans(), 1), width, float(_NO_PROCESS_ROWS) * 10)
+                return (max(self._total_spans(), 1), width, float(_NO_PROCESS_ROWS) * 10 * width)
             return (_NO_PROCESS_ROWS, width)
         if req.is_empty:
             return (1, width)

@@ -452,7 +452,8 @@ def test_python_exception_in_a_batch_generator(db: Session) -> None:
     t = db.table("ge", "x int8", kind="gen_error")
     with pytest.raises(errors.ExternalRoutineException) as e:
         db.rows(f"SELECT x FROM {t}")
-    assert e.value.diag.message_primary == "batch generator broke"
+    assert e.value.diag.message_primary == "Error in python: RuntimeError"
+    assert e.value.diag.message_detail == "batch generator broke"
     assert db.rows(f"SELECT count(*) FROM {db.table('ok', 'x int8', kind='some_empty')}") == [(4,)]
 
 

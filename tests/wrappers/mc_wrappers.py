@@ -156,3 +156,38 @@ class Store(ForeignDataWrapper):
 
     def delete(self, oldvalues: Any) -> None:
         del self._rows()[oldvalues]
+
+
+class Shapes(ForeignDataWrapper):
+    """Values multicorn2 converts specially (a dict into hstore, nested lists into a 2-D
+    array); ``startup`` sets ``_startup_cost``; sorts on its first requested key only;
+    ``get_path_keys`` says ``id`` gives one row."""
+
+    def __init__(self, options: dict[str, str], columns: dict[str, Any]):
+        super().__init__(options, columns)
+        self._startup_cost = int(options.get("startup", "20"))
+        self.ragged = options.get("ragged") == "true"
+        self.nrows = int(options.get("rows", "3"))
+
+    def get_rel_size(self, quals: list[Any], columns: Any) -> tuple[int, int]:
+        return (1000, 10)
+
+    def get_path_keys(self) -> list[tuple[tuple[str, ...], int]]:
+        return [(("id",), 1)]
+
+    def can_sort(self, sortkeys: list[Any]) -> list[Any]:
+        return sortkeys[:1]
+
+    def execute(self, quals, columns, sortkeys=None, limit=None, offset=None):  # type: ignore[no-untyped-def]
+        rows = [
+            {
+                "id": i,
+                "name": f"n{i % 2}",
+                "h": {"a": str(i), "b": None, 'q"': "x\\y"},
+                "grid": [[1, 2], [3]] if self.ragged else [[i, 2], [3, None]],
+            }
+            for i in range(self.nrows)
+        ]
+        if sortkeys:
+            rows.sort(key=lambda r: r[sortkeys[0].attname], reverse=sortkeys[0].is_reversed)
+        yield from rows
