@@ -217,9 +217,14 @@ def expected_rows(
         if ss.schema_url:
             scope["otel.scope.schema_url"] = ss.schema_url
         for s in ss.spans:
+            # The OTLP rules, written out again: ids of the right length and not all zero,
+            # non-zero times below 2^63 ns, end not before start.
             if len(s.trace_id) != 16 or len(s.span_id) != 8:
                 continue
-            if s.start_time_unix_nano == 0 or s.end_time_unix_nano == 0:
+            if not any(s.trace_id) or not any(s.span_id):
+                continue
+            st, en = s.start_time_unix_nano, s.end_time_unix_nano
+            if st == 0 or en == 0 or st >= 2**63 or en >= 2**63 or en < st:
                 continue
             props = dict(scope)
             props.update(_attrs(s.attributes))
@@ -237,7 +242,7 @@ def expected_rows(
                     "trace_id": s.trace_id.hex(),
                     "span_id": s.span_id.hex(),
                     "parent_span_id": s.parent_span_id.hex()
-                    if len(s.parent_span_id) == 8
+                    if len(s.parent_span_id) == 8 and any(s.parent_span_id)
                     else None,
                     "start_time": ns_to_dt(s.start_time_unix_nano),
                     "end_time": ns_to_dt(s.end_time_unix_nano),

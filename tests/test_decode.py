@@ -144,7 +144,7 @@ def _payload(scopes: list[tuple[bytes, list[bytes]]]) -> bytes:
 
 def _span(i: int, **extra: object) -> Span:
     s = Span(
-        trace_id=i.to_bytes(16, "big"),
+        trace_id=(i + 1).to_bytes(16, "big"),  # never all zero: that id is invalid
         span_id=(i + 1).to_bytes(8, "big"),
         parent_span_id=(i + 2).to_bytes(8, "big") if i % 2 else b"",
         name=f"op-{i % 3}",
@@ -231,16 +231,23 @@ def test_repeated_keys_and_scope_clashes_with_many_keys() -> None:
 
 def test_decode_blocks_isolates_bad_blocks() -> None:
     good = [make_resource_spans(n=20, seed=k).SerializeToString() for k in range(3)]
+    # Spans the receiver rejects: skipped by the same rule, never a block error.
     too_late = _payload([(b"", [_span(1, end_time_unix_nano=2**63 + 5).SerializeToString()])])
-    blocks = [good[0], b"\x0a\xff\xff\xff\xff\x0f garbage", good[1], too_late, good[2]]
+    # An attribute value that is not a valid AnyValue: the block cannot be decoded.
+    bad_attr = _span(2)
+    bad_attr.attributes.add(key="x").value.string_value = "y"
+    broken = bad_attr.SerializeToString().replace(b"\x12\x03\x0a\x01y", b"\x12\x03\x0a\x01\xff")
+    bad_value = _payload([(b"", [broken])])
+    blocks = [good[0], b"\x0a\xff\xff\xff\xff\x0f garbage", good[1], too_late, good[2], bad_value]
     got = decode_blocks([(p, INFO) for p in blocks])
-    assert sorted(got.errors) == [1, 3]
+    assert sorted(got.errors) == [1, 5]
     assert all(isinstance(e, DecodeError) for e in got.errors.values())
-    assert "out of range" in str(got.errors[3])
+    assert str(INFO.block_id) in str(got.errors[5])
     assert got.table.num_rows == 60
     both_paths(blocks)
+    assert decode_block(too_late, INFO).num_rows == 0
     with pytest.raises(DecodeError):
-        decode_block(too_late, INFO)
+        decode_block(bad_value, INFO)
 
 
 def test_blocks_keep_their_own_metadata_and_order() -> None:
@@ -268,3 +275,20 @@ def test_blocks_keep_their_own_metadata_and_order() -> None:
         assert part.column("service_name").unique().to_pylist() == [f"svc{k}"]
         single = decode_block(payloads[k], info)
         assert single.equals(part)
+
+
+def test_nul_keys_repeated_and_clashing_with_scope_keys() -> None:
+    """``k\\0`` and ``k\\uFFFD`` are one key once cleaned: the last one wins, in both paths."""
+    scope = InstrumentationScope(name="lib").SerializeToString()
+    s = _span(3)
+    del s.attributes[:]
+    s.attributes.extend(kvs([("k\0", 1), ("k\0", 2), ("k\ufffd", 3), ("otel.scope.name\0", "x")]))
+    t = _span(4)
+    del t.attributes[:]
+    t.attributes.extend(kvs([("a\0", 1), ("a\0", 2)]))
+    rows = arrow_rows(
+        both_paths([_payload([(scope, [s.SerializeToString(), t.SerializeToString()])])])
+    )
+    props = sorted((r["properties"] for r in rows), key=len)
+    assert props[0] == {"otel.scope.name": "lib", "a\ufffd": 2}
+    assert props[1] == {"otel.scope.name": "lib", "k\ufffd": 3, "otel.scope.name\ufffd": "x"}

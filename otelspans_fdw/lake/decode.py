@@ -1,22 +1,19 @@
 """One block (serialized OTLP ``ResourceSpans``) -> an Arrow table of span rows.  No I/O.
 
-The row mapping is upstream's (see ``reference/upstream-otel-spans.md``):
+The row mapping is upstream's (see ``reference/upstream-otel-spans.md``), with the OTLP rules
+of :mod:`otelspans_fdw.otlp` (the receiver's, so what it accepted is what becomes rows):
 
-* spans with a trace id that is not 16 bytes, a span id that is not 8 bytes, or a zero start
-  or end time are skipped (the receiver counted them as rejected already);
-* ``parent_span_id`` is NULL unless it is exactly 8 bytes; ``status_message`` NULL when empty;
+* spans that :func:`~otelspans_fdw.otlp.span_rejection` refuses are skipped (the receiver
+  counted them as rejected already);
+* ``parent_span_id`` is NULL unless it is 8 non-zero bytes; ``status_message`` NULL when empty;
 * ``kind``/``status`` are names (unknown numbers -> ``UNSPECIFIED``/``UNSET``);
 * ``properties`` = the span's attributes plus ``otel.scope.name``, ``otel.scope.version``,
   ``otel.scope.attr.<k>`` and ``otel.scope.schema_url`` when non-empty (on a key collision the
   span's own attribute wins: it is the more specific);
 * ``events`` = ``[{name, time (ns), attributes}]``, ``links`` = ``[{trace_id, span_id,
   attributes}]`` with hex ids;
-* ``AnyValue`` -> JSON: string, bool, int, double as themselves (non-finite doubles as the
-  strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, as in protobuf's JSON mapping, because
-  JSON has no such numbers), bytes as base64, arrays and kvlists recursively, absent -> null.
-
-PostgreSQL text and jsonb cannot hold U+0000, which OTLP strings may contain: it is replaced by
-U+FFFD in names, messages and JSON.
+* ``AnyValue`` -> JSON and text as :func:`~otelspans_fdw.otlp.anyvalue_to_json` says (U+0000
+  becomes U+FFFD in names, messages, keys and values: PostgreSQL cannot hold it).
 
 Speed: this is the cold path of every query (target >= 200k spans/s), and Python work per span
 is what limits it (each protobuf field access from Python costs about 60 ns, a dozen per span).
@@ -43,9 +40,7 @@ extra, are rendered apart with dict semantics.
 
 from __future__ import annotations
 
-import base64
 import json
-import math
 import re
 import struct
 import uuid
@@ -70,6 +65,18 @@ from otelspans_fdw.lake._lazy_pb import (
     RawResourceSpans,
     SpanColumns,
 )
+from otelspans_fdw.otlp import (
+    KINDS,
+    MAX_TIME_NS,
+    STATUSES,
+    ZERO_SPAN_ID,
+    ZERO_TRACE_ID,
+    anyvalue_to_json,
+    attributes_to_dict,
+    clean_text,
+    parent_or_none,
+    span_rejection,
+)
 from otelspans_fdw.schema import COLUMN_NAMES, TIMESTAMP, arrow_schema
 
 __all__ = [
@@ -82,9 +89,6 @@ __all__ = [
     "empty_table",
     "hex_array",
 ]
-
-KINDS: tuple[str, ...] = ("UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER")
-STATUSES: tuple[str, ...] = ("UNSET", "OK", "ERROR")
 
 _KIND_DICT = pa.array(KINDS, pa.utf8())
 _STATUS_DICT = pa.array(STATUSES, pa.utf8())
@@ -107,49 +111,6 @@ class BlockInfo:
     computer: str | None = None
     process_properties: str = "{}"  # JSON text, keys sorted
     service_name: str | None = None  # service.name of the process (issue 6)
-
-
-def _double(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
-
-
-def anyvalue_to_json(v: Any) -> Any:
-    """An OTLP ``AnyValue`` as a JSON-able Python value (see the module docstring)."""
-    kind = v.WhichOneof("value")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "int_value":
-        return v.int_value
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "double_value":
-        return _double(v.double_value)
-    if kind is None:
-        return None
-    if kind == "array_value":
-        return [anyvalue_to_json(x) for x in v.array_value.values]
-    if kind == "kvlist_value":
-        return attributes_to_dict(v.kvlist_value.values)
-    if kind == "bytes_value":
-        return base64.b64encode(v.bytes_value).decode("ascii")
-    return None  # a value kind newer than this code
-
-
-def attributes_to_dict(kvs: Sequence[Any]) -> dict[str, Any]:
-    """A repeated ``KeyValue`` as a dict (last duplicate wins, like jsonb)."""
-    out: dict[str, Any] = {}
-    for kv in kvs:
-        v = kv.value
-        kind = v.WhichOneof("value")
-        if kind == "string_value":
-            out[kv.key] = v.string_value
-        elif kind == "int_value":
-            out[kv.key] = v.int_value
-        else:
-            out[kv.key] = anyvalue_to_json(v)
-    return out
 
 
 def _strip_nul(obj: Any) -> Any:
@@ -255,7 +216,7 @@ class _AttrCache:
 
     def miss(self, raw: bytes) -> tuple[str, str]:
         kv = KeyValue.FromString(raw)
-        key = kv.key
+        key = clean_text(kv.key)  # the key of the fragment's text, as the rules compare keys
         v = kv.value
         kind = v.WhichOneof("value")
         # Unique values (ids, times) miss every time: scalars skip the generic encoder.
@@ -616,13 +577,10 @@ def _columns(scopes: Sequence[_Scope]) -> dict[str, pa.Array] | None:
         or links is None
     ):
         return None
-    if max(pc.max(start).as_py() or 0, pc.max(end).as_py() or 0) >= 2**63:
-        return None
-    zero = pa.scalar(0, pa.uint64())
-    valid = pc.and_(
-        pc.and_(pc.equal(pc.binary_length(trace_id), 16), pc.equal(pc.binary_length(span_id), 8)),
-        pc.and_(pc.not_equal(start, zero), pc.not_equal(end, zero)),
-    ).fill_null(False)
+    valid = _valid_spans(trace_id, span_id, start, end)
+    parent = pc.if_else(
+        pc.equal(parent, pa.scalar(ZERO_SPAN_ID, binary)), pa.scalar(None, binary), parent
+    )
     kind = kind.fill_null(0)
     kind = pc.if_else(pc.and_(pc.greater_equal(kind, 0), pc.less(kind, len(KINDS))), kind, 0)
     if status.null_count == n:
@@ -639,8 +597,8 @@ def _columns(scopes: Sequence[_Scope]) -> dict[str, pa.Array] | None:
             "trace_id": trace_id,
             "span_id": span_id,
             "parent": parent,
-            "start": start.cast(pa.int64()),
-            "end": end.cast(pa.int64()),
+            "start": _as_int64(start, valid),
+            "end": _as_int64(end, valid),
             "name": name.fill_null(""),
             "kind": kind.cast(pa.int8()),
             "status": codes,
@@ -654,6 +612,29 @@ def _columns(scopes: Sequence[_Scope]) -> dict[str, pa.Array] | None:
     if not pc.all(valid).as_py():
         cols = {k: v.filter(valid) for k, v in cols.items()}
     return cols
+
+
+def _valid_spans(trace_id: pa.Array, span_id: pa.Array, start: pa.Array, end: pa.Array) -> pa.Array:
+    """:func:`otelspans_fdw.otlp.span_rejection` as Arrow kernels: True where a span is valid."""
+    u64 = pa.uint64()
+    zero, limit = pa.scalar(0, u64), pa.scalar(MAX_TIME_NS, u64)
+    ids = pc.and_(
+        pc.and_(pc.equal(pc.binary_length(trace_id), 16), pc.equal(pc.binary_length(span_id), 8)),
+        pc.and_(
+            pc.not_equal(trace_id, pa.scalar(ZERO_TRACE_ID, pa.binary())),
+            pc.not_equal(span_id, pa.scalar(ZERO_SPAN_ID, pa.binary())),
+        ),
+    )
+    times = pc.and_(
+        pc.and_(pc.not_equal(start, zero), pc.not_equal(end, zero)),
+        pc.and_(pc.less(start, limit), pc.less(end, limit)),
+    )
+    return pc.and_(pc.and_(ids, times), pc.greater_equal(end, start)).fill_null(False)
+
+
+def _as_int64(ns: pa.Array, valid: pa.Array) -> pa.Array:
+    """Span times as int64; invalid spans (filtered out afterwards) as 0, which always fits."""
+    return pc.if_else(valid, ns, pa.scalar(0, pa.uint64())).cast(pa.int64())
 
 
 # --- the per-span path (reference behaviour, and fallback) -----------------------------------
@@ -682,12 +663,11 @@ def _scope_rows_slow(scope: _Scope) -> dict[str, pa.Array]:
         sid = s.span_id
         st = s.start_time_unix_nano
         en = s.end_time_unix_nano
-        if len(tid) != 16 or len(sid) != 8 or not st or not en:
+        if span_rejection(tid, sid, st, en) is not None:
             continue
         trace_ids.append(tid)
         span_ids.append(sid)
-        p = s.parent_span_id
-        parents.append(p if len(p) == 8 else None)
+        parents.append(parent_or_none(s.parent_span_id))
         starts.append(st)
         ends.append(en)
         names.append(s.name)
@@ -782,9 +762,13 @@ def decode_block(payload: bytes, info: BlockInfo, *, columnar: bool = True) -> p
 
 
 def _error(info: BlockInfo, e: Exception) -> DecodeError:
+    """Why a block is skipped.  Anything the per-span path raises lands here: a block that
+    this code cannot turn into rows must not fail the query of every other block with it."""
     if isinstance(e, ProtobufDecodeError):
         return DecodeError(f"block {info.block_id}: malformed ResourceSpans: {e}")
-    return DecodeError(f"block {info.block_id}: span value out of range: {e}")
+    if isinstance(e, OverflowError | pa.ArrowInvalid):
+        return DecodeError(f"block {info.block_id}: span value out of range: {e}")
+    return DecodeError(f"block {info.block_id}: cannot be decoded: {type(e).__name__}: {e}")
 
 
 _BLOCK_ERRORS = (ProtobufDecodeError, OverflowError, pa.ArrowInvalid)
@@ -836,7 +820,9 @@ def _decode_batch(
                 continue
             try:
                 chunks.extend([_scope_rows_slow(s) for s in scopes])
-            except _BLOCK_ERRORS as e:
+            except MemoryError:
+                raise
+            except Exception as e:  # whatever it is, it is this block's alone
                 errors[origin[b]] = _error(infos[b], e)
     return _table(chunks, infos)
 
