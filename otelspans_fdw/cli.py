@@ -56,6 +56,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-inflight", type=int, default=64, help="concurrent requests")
     p.add_argument("--max-inflight-bytes", type=int, default=256 * 1024 * 1024)
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for a request's headers, and for an idle connection (default 30)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds for a request body (default 60)"
+    )
+    p.add_argument(
         "--token",
         default=os.environ.get("OTELSPANS_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' (default $OTELSPANS_TOKEN)",
@@ -106,6 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body=args.max_body,
             max_inflight_requests=args.max_inflight,
             max_inflight_bytes=args.max_inflight_bytes,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
         ),
         migrate=not args.no_migrate,
         trace_index=not args.no_trace_index,

@@ -25,6 +25,13 @@ class InvalidQueryError(OtelSpansError):
     sqlstate = "22023"
 
 
+class InvalidArgumentError(OtelSpansError, ValueError):
+    """A function argument or option value is malformed or out of range (still a ValueError,
+    for the callers that validate with ``except ValueError``)."""
+
+    sqlstate = "22023"
+
+
 class ConfigurationError(OtelSpansError):
     """A server, table or command-line option is missing or malformed."""
 
@@ -49,6 +56,12 @@ class DecodeError(OtelSpansError):
     sqlstate = "22P02"
 
 
+class RejectedDataError(DecodeError):
+    """A request decoded, but the database refuses its rows: a retry would fail the same way."""
+
+    sqlstate = "22000"
+
+
 class PayloadTooLargeError(DecodeError):
     """A request body is over the size limit, before or after decompression."""
 
@@ -59,6 +72,12 @@ class UnsupportedMediaTypeError(DecodeError):
     """A request uses a content type or content encoding the receiver does not accept."""
 
     sqlstate = "0A000"
+
+
+class RequestTimeoutError(OtelSpansError):
+    """A client took longer than the receiver's deadline to send its request."""
+
+    sqlstate = "57014"
 
 
 class AuthenticationError(OtelSpansError):

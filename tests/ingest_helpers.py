@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -83,10 +87,40 @@ def resource_spans_bytes(req: ExportTraceServiceRequest) -> list[bytes]:
     ]
 
 
+def inflight_requests(base_url: str) -> float:
+    """The receiver's in-flight request gauge, from its ``/metrics``."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return float(re.search(r"^otelspans_receiver_inflight_requests (\S+)$", text, re.M)[1])
+
+
+def hold_slot(
+    dsn: str, port: int, base_url: str, body: bytes, extra_headers: str = ""
+) -> tuple[socket.socket, psycopg.Connection]:
+    """Keep one request in flight: its metadata commit waits on a lock another session holds
+    on ``otel_blocks`` (a slow database).  Release with ``lock.rollback()``; the request's
+    answer can then be read from the socket."""
+    lock = psycopg.connect(dsn)
+    lock.execute("LOCK TABLE otel_blocks IN ACCESS EXCLUSIVE MODE")
+    held = socket.create_connection(("127.0.0.1", port))
+    held.sendall(
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        + f"{extra_headers}Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 20
+    while inflight_requests(base_url) < 1:
+        assert time.monotonic() < deadline, "the held request never got in flight"
+        time.sleep(0.02)
+    return held, lock
+
+
 __all__ = [
     "T0",
     "ResourceSpans",
     "block_rows",
+    "hold_slot",
+    "inflight_requests",
     "kv",
     "make_request",
     "resource_spans_bytes",

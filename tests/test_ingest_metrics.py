@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,7 +13,7 @@ import aiohttp
 import grpc
 import psycopg
 import pytest
-from ingest_helpers import make_request, resource_spans_bytes
+from ingest_helpers import hold_slot, make_request, resource_spans_bytes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
@@ -79,17 +78,6 @@ def _empty_exposition() -> str:
 _EMPTY = _empty_exposition()
 
 
-def _hold_slot(port: int, body: bytes) -> socket.socket:
-    """A slow client: headers and 10 bytes of ``body`` sent, so its request stays in flight."""
-    slow = socket.create_connection(("127.0.0.1", port))
-    slow.sendall(
-        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body[:10]
-    )
-    return slow
-
-
 def test_metrics_count_real_traffic_by_reason_and_status_reads_them(receiver_factory, pg) -> None:
     r = receiver_factory(
         "--token", TOKEN, "--max-body", str(LIMIT), "--max-inflight", "1", "--metrics-port", "0"
@@ -141,30 +129,29 @@ def test_metrics_count_real_traffic_by_reason_and_status_reads_them(receiver_fac
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     exp.refused("grpc", "unauthorized")
 
-    # Overload: a slow client holds the only slot; the in-flight gauges show it meanwhile.
+    # Overload: a request waiting on a slow database holds the only slot; the in-flight
+    # gauges show it meanwhile.
     slow_body = make_request(3, seed=4).SerializeToString()
     probe_req = make_request(1, seed=5)
-    slow = _hold_slot(r.http_port, slow_body)
+    held, lock = hold_slot(
+        r.dsn, r.http_port, r.base_url, slow_body, f"Authorization: Bearer {TOKEN}\r\n"
+    )
     try:
-        for _ in range(50):  # until the receiver has admitted the slow request
-            status = post(r.http_url, probe_req.SerializeToString(), {**PB, **AUTH})[0]
-            if status == 429:
-                exp.refused("http", "overloaded")
-                break
-            assert status == 200
-            exp.ok("http", probe_req)
+        status = post(r.http_url, probe_req.SerializeToString(), {**PB, **AUTH})[0]
         assert status == 429
+        exp.refused("http", "overloaded")
         during = parse_metrics(scrape_text(f"{r.base_url}/metrics"))
         assert (during["inflight_requests"], during["inflight_bytes"]) == (1, len(slow_body))
         with pytest.raises(grpc.RpcError) as e:
             stub.Export(make_request(1, seed=6), timeout=30, metadata=md)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         exp.refused("grpc", "overloaded")
-        slow.sendall(slow_body[10:])
-        assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+        lock.rollback()
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
         exp.ok("http", make_request(3, seed=4))
     finally:
-        slow.close()
+        held.close()
+        lock.close()
 
     # Database unavailable: decoded, not stored; its spans count as rejected for that reason.
     dbname = psycopg.conninfo.conninfo_to_dict(r.dsn)["dbname"]

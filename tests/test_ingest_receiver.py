@@ -12,7 +12,13 @@ import grpc
 import psycopg
 import pytest
 from google.rpc import status_pb2
-from ingest_helpers import block_rows, make_request, resource_spans_bytes, stored_payloads
+from ingest_helpers import (
+    block_rows,
+    hold_slot,
+    make_request,
+    resource_spans_bytes,
+    stored_payloads,
+)
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -24,8 +30,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, StatusCode
 from test_ingest_decode import otlp_json
-
-from otelspans_fdw.ingest.decode import decode_request
 
 
 def record_spans(service: str, pid: int):
@@ -257,33 +261,23 @@ def test_database_down_gives_503_then_retry_succeeds(receiver, pg) -> None:
 
 
 def test_overload_is_refused_with_retry_after(receiver_factory) -> None:
-    import socket
-
     r = receiver_factory("--max-inflight", "1")
     body = make_request(2, seed=3).SerializeToString()
     probe = make_request(1, seed=4).SerializeToString()
-    probe_block = decode_request(probe).blocks[0].block_id
-    # A slow client holds the only in-flight slot: headers sent, body only half sent.
-    slow = socket.create_connection(("127.0.0.1", r.http_port))
-    slow.sendall(
-        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body[:10]
-    )
+    # One request holds the only in-flight slot: its commit waits on a slow database.
+    held, lock = hold_slot(r.dsn, r.http_port, r.base_url, body)
     try:
-        for _ in range(50):  # until the receiver has admitted the slow request
-            status, headers, _ = post(r.http_url, probe, PB)
-            if status == 429:
-                break
+        status, headers, _ = post(r.http_url, probe, PB)
         assert status == 429 and headers["Retry-After"] == "1"
         stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(r.grpc_target))
         with pytest.raises(grpc.RpcError) as e:
             stub.Export(make_request(1, seed=5), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert {row[0] for row in block_rows(r.dsn)} <= {probe_block}  # refused: not stored
-        slow.sendall(body[10:])  # the slow request completes and is stored
-        assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+        lock.rollback()  # the held request completes and is stored
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
     finally:
-        slow.close()
+        held.close()
+        lock.close()
+    assert len(block_rows(r.dsn)) == 1  # the refused ones were not stored
     assert post(r.http_url, probe, PB)[0] == 200
     assert len(block_rows(r.dsn)) == 2

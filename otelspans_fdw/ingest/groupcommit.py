@@ -17,6 +17,14 @@ index's ``gin_pending_list_limit``, as PostgreSQL always does; nothing is lost e
 A request is acknowledged only after the transaction holding its rows committed; if the
 database is unreachable every waiter gets :class:`MetadataError` (HTTP 503 / gRPC
 UNAVAILABLE) and that writer's connection is rebuilt on its next batch.
+
+Requests fail alone.  Their rows are sanitised before they get here (see
+:mod:`otelspans_fdw.otlp`), but if PostgreSQL still refuses a batch for its data (any error
+but a lost connection), the batch is split in halves, each written in its own transaction, down
+to the one request whose rows fail: that request gets :class:`RejectedDataError` (HTTP 400 /
+gRPC INVALID_ARGUMENT, not retried: its rows would fail the same way again) and everybody else
+commits.  One poison request costs about ``2 log2(batch)`` extra transactions, paid only when
+it happens.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from otelspans_fdw.exceptions import MetadataError
+from otelspans_fdw.exceptions import MetadataError, RejectedDataError
 from otelspans_fdw.ingest.decode import Block
 from otelspans_fdw.ingest.metadata import clean_trace_index, write_blocks_async
 
@@ -175,27 +183,60 @@ class GroupCommitter:
             live = [(b, f) for b, f in batch if not f.cancelled()]
             if not live:
                 continue
-            blocks = [blk for b, _ in live for blk in b]
             try:
                 conn = await self._connection(lane)
-                added = await write_blocks_async(conn, blocks, trace_index=self.trace_index)
-                self.transactions += 1
-                self._after_commit(added)
+                await self._write(conn, live)
             except MetadataError as e:
                 err: BaseException = e
             except psycopg.OperationalError as e:
                 log.warning("metadata write failed: %s", e)
                 err = MetadataError(f"metadata database unavailable: {e}")
                 await self._drop(lane)
-            except Exception as e:  # a bug or constraint problem: report, keep serving
+            except Exception as e:  # a bug: report, keep serving
                 log.exception("metadata write failed")
                 err = MetadataError(f"metadata write failed: {e}")
                 await self._drop(lane, only_broken=True)
             else:
-                for _, f in live:
-                    if not f.done():
-                        f.set_result(None)
                 continue
             for _, f in live:
                 if not f.done():
                     f.set_exception(err)
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection,
+        items: list[tuple[Sequence[Block], asyncio.Future[None]]],
+    ) -> None:
+        """Commit ``items`` together, or, if their rows fail, each half apart (recursively).
+
+        Resolves the futures of what committed or was refused; raises only what every item
+        shares (a lost connection, a bug outside the data).
+        """
+        blocks = [blk for b, _ in items for blk in b]
+        try:
+            added = await write_blocks_async(conn, blocks, trace_index=self.trace_index)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as e:
+            if conn.broken:
+                raise
+            if len(items) == 1:
+                log.warning("metadata rows of a request refused: %s", e)
+                fut = items[0][1]
+                if not fut.done():
+                    fut.set_exception(
+                        RejectedDataError(
+                            f"the database refuses this request's rows: {e}",
+                            hint="Fix the data; retrying it unchanged fails the same way.",
+                        )
+                    )
+                return
+            half = len(items) // 2
+            await self._write(conn, items[:half])
+            await self._write(conn, items[half:])
+            return
+        self.transactions += 1
+        self._after_commit(added)
+        for _, f in items:
+            if not f.done():
+                f.set_result(None)

@@ -1,5 +1,9 @@
 """OTLP/HTTP transport: ``POST /v1/traces`` on aiohttp (protobuf or JSON, gzip accepted).
 
+Deadlines: a connection has ``header_timeout`` seconds to send a request's headers (aiohttp's
+keep-alive timer, which also closes a connection idle between requests or stuck in its
+headers) and ``body_timeout`` seconds for the body (408, connection closed).
+
 Errors follow the OTLP/HTTP specification: the body is a ``google.rpc.Status`` in the request's
 encoding (plain text when the content type itself is refused); 429 and 503 carry
 ``Retry-After`` so exporters back off and retry.
@@ -7,7 +11,9 @@ encoding (plain text when the content type itself is refused); 429 and 503 carry
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -21,6 +27,7 @@ from otelspans_fdw.exceptions import (
     OtelSpansError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     StoreError,
     UnsupportedMediaTypeError,
 )
@@ -42,6 +49,7 @@ _STATUS: list[tuple[type[OtelSpansError], int, int]] = [
     (PayloadTooLargeError, 413, 8),  # RESOURCE_EXHAUSTED
     (UnsupportedMediaTypeError, 415, 3),  # INVALID_ARGUMENT
     (DecodeError, 400, 3),
+    (RequestTimeoutError, 408, 4),  # DEADLINE_EXCEEDED
     (AuthenticationError, 401, 16),  # UNAUTHENTICATED
     (OverloadedError, 429, 14),  # UNAVAILABLE
     (MetadataError, 503, 14),
@@ -75,14 +83,25 @@ def _error_response(err: OtelSpansError, as_json: bool | None, retry_after: int)
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> list[bytes]:
+async def _read_body(
+    request: web.Request, limit: int, take: Callable[[int], None], timeout: float
+) -> list[bytes]:
+    """The body's chunks, each counted by ``take`` as it arrives, within ``timeout`` seconds."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+                take(len(chunk))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"request body not received within {timeout:g} s ({size} bytes arrived)",
+            hint="Send the body faster, or raise the receiver's --body-timeout.",
+        ) from None
     return chunks
 
 
@@ -101,18 +120,21 @@ def make_app(ingestor: Ingestor, *, token: str | None = None) -> web.Application
                     raise PayloadTooLargeError(
                         f"request body of {declared} bytes is over the limit of {limits.max_body}"
                     )
-                with ingestor.admission.admit(declared):
-                    chunks = await _read_body(request, limits.max_body)
-                    body = decode_content(
-                        chunks, request.headers.get("Content-Encoding", ""), limits.max_body
-                    )
-                    del chunks
-                    record.decoded = decode_request(body, json_encoded=as_json)
-                    del body
-                    resp = await ingestor.store_decoded(record.decoded)
+                # Bytes are admitted as they arrive, the request slot once they all did:
+                # slow senders hold what they sent, not a slot (see the pipeline module).
+                with ingestor.admission.receiving() as take:
+                    chunks = await _read_body(request, limits.max_body, take, limits.body_timeout)
+                    with ingestor.admission.admit():
+                        body = decode_content(
+                            chunks, request.headers.get("Content-Encoding", ""), limits.max_body
+                        )
+                        del chunks
+                        record.decoded = decode_request(body, json_encoded=as_json)
+                        del body
+                        resp = await ingestor.store_decoded(record.decoded)
         except OtelSpansError as e:
             err = _error_response(e, as_json, limits.retry_after_seconds)
-            if isinstance(e, PayloadTooLargeError | OverloadedError):
+            if isinstance(e, PayloadTooLargeError | OverloadedError | RequestTimeoutError):
                 err.force_close()  # do not drain a huge or refused body: drop the connection
             return err
         if as_json:

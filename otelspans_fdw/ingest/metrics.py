@@ -34,6 +34,8 @@ from otelspans_fdw.exceptions import (
     MetadataError,
     OverloadedError,
     PayloadTooLargeError,
+    RejectedDataError,
+    RequestTimeoutError,
     StoreError,
     UnsupportedMediaTypeError,
 )
@@ -54,8 +56,10 @@ TRANSPORTS = ("http", "grpc")
 #: Why a whole request was refused, in the order :func:`reason_of` tests the error classes.
 REQUEST_REASONS = (
     "malformed",
+    "rows_refused",
     "unsupported_media_type",
     "too_large",
+    "timeout",
     "unauthorized",
     "overloaded",
     "database_unavailable",
@@ -64,7 +68,14 @@ REQUEST_REASONS = (
     "internal",
 )
 #: Why spans were not accepted: ``invalid`` (partial_success) or the failure of their request.
-SPAN_REASONS = ("invalid", "database_unavailable", "store_unavailable", "cancelled", "internal")
+SPAN_REASONS = (
+    "invalid",
+    "rows_refused",
+    "database_unavailable",
+    "store_unavailable",
+    "cancelled",
+    "internal",
+)
 
 # Receiver latencies span sub-millisecond (small request, warm) to seconds (group commit under
 # load, slow store): finer low buckets than prometheus_client's defaults.
@@ -72,6 +83,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 _REASON_OF: tuple[tuple[type[BaseException], str], ...] = (
     (PayloadTooLargeError, "too_large"),  # before DecodeError: it is a subclass
+    (RejectedDataError, "rows_refused"),  # likewise
+    (RequestTimeoutError, "timeout"),
     (UnsupportedMediaTypeError, "unsupported_media_type"),
     (DecodeError, "malformed"),
     (AuthenticationError, "unauthorized"),

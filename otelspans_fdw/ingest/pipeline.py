@@ -8,14 +8,18 @@ payload.
 
 Admission control bounds memory: at most ``max_inflight_requests`` requests and
 ``max_inflight_bytes`` of bodies are being worked on; beyond that requests are refused at once
-(HTTP 429 / gRPC UNAVAILABLE, both retried by OTLP exporters) instead of queueing.
+(HTTP 429 / gRPC UNAVAILABLE, both retried by OTLP exporters) instead of queueing.  Over HTTP
+the bytes are counted as they arrive (:meth:`Admission.receiving`) and the request slot is
+taken only once the whole body is in: a client sending one byte a second holds one byte of
+the budget and no slot, so hundreds of them cannot lock out the others, and the deadlines
+(``header_timeout``, ``body_timeout``) close them in the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -23,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from otelspans_fdw.exceptions import OverloadedError
+from otelspans_fdw.exceptions import OverloadedError, RejectedDataError
 from otelspans_fdw.ingest.body import DEFAULT_MAX_BODY
 from otelspans_fdw.ingest.decode import DecodedRequest, response_for, split_blocks
 from otelspans_fdw.ingest.groupcommit import GroupCommitter
@@ -41,6 +45,10 @@ class Limits:
     max_inflight_requests: int = 64
     max_inflight_bytes: int = 256 * 1024 * 1024
     retry_after_seconds: int = 1
+    #: seconds a connection may take to send a request's headers (also the idle keep-alive)
+    header_timeout: float = 30.0
+    #: seconds a request may take to send its body, once its headers are in
+    body_timeout: float = 60.0
 
 
 class Admission:
@@ -52,17 +60,20 @@ class Admission:
         self.bytes = 0
         self.refused = 0
 
+    def _refuse(self, what: str) -> OverloadedError:
+        self.refused += 1
+        return OverloadedError(
+            f"receiver overloaded: too many {what} in flight",
+            hint=f"Retry after {self.limits.retry_after_seconds} s.",
+        )
+
     @contextlib.contextmanager
     def admit(self, size_hint: int = 0) -> Iterator[None]:
-        if (
-            self.requests >= self.limits.max_inflight_requests
-            or self.bytes + size_hint > self.limits.max_inflight_bytes
-        ):
-            self.refused += 1
-            raise OverloadedError(
-                "receiver overloaded: too many requests in flight",
-                hint=f"Retry after {self.limits.retry_after_seconds} s.",
-            )
+        """A request slot, and ``size_hint`` bytes (0 when :meth:`receiving` counted them)."""
+        if self.requests >= self.limits.max_inflight_requests:
+            raise self._refuse("requests")
+        if self.bytes + size_hint > self.limits.max_inflight_bytes:
+            raise self._refuse("bytes")
         self.requests += 1
         self.bytes += size_hint
         try:
@@ -70,6 +81,24 @@ class Admission:
         finally:
             self.requests -= 1
             self.bytes -= size_hint
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[Callable[[int], None]]:
+        """Count a body's bytes as they arrive: the callback takes each chunk's size and
+        raises :class:`OverloadedError` once the budget is spent; all are released at exit."""
+        held = 0
+
+        def take(n: int) -> None:
+            nonlocal held
+            if self.bytes + n > self.limits.max_inflight_bytes:
+                raise self._refuse("bytes")
+            self.bytes += n
+            held += n
+
+        try:
+            yield take
+        finally:
+            self.bytes -= held
 
 
 class Ingestor:
@@ -103,13 +132,20 @@ class Ingestor:
     async def store_decoded(self, decoded: DecodedRequest) -> ExportTraceServiceResponse:
         """Persist ``decoded`` and return the OTLP response to acknowledge it with."""
         if decoded.blocks:
-            await asyncio.gather(
+            written = await asyncio.gather(
                 *(
                     asyncio.to_thread(self.store.put_if_absent, b.object_path, b.payload)
                     for b in decoded.blocks
                 )
             )
-            await self.committer.commit(decoded.blocks)
+            try:
+                await self.committer.commit(decoded.blocks)
+            except RejectedDataError:
+                # Refused for good: the payloads this request wrote must not stay behind.
+                # (Equal payloads make equal rows, so no accepted request shares them.)
+                new = [b.object_path for b, w in zip(decoded.blocks, written, strict=True) if w]
+                await asyncio.gather(*(asyncio.to_thread(self.store.delete, p) for p in new))
+                raise
             self.spans_accepted += decoded.nb_spans
         return response_for(decoded)
 

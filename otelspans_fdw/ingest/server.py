@@ -84,7 +84,12 @@ class Receiver:
             await asyncio.to_thread(self._migrate)
         await self.ingestor.start()
         self._runner = web.AppRunner(
-            make_app(self.ingestor, token=cfg.token), access_log=None, auto_decompress=False
+            make_app(self.ingestor, token=cfg.token),
+            access_log=None,
+            auto_decompress=False,
+            # aiohttp closes a connection whose next request's headers are not complete this
+            # long after the connection (or its previous response): the header deadline.
+            keepalive_timeout=cfg.limits.header_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.http_port, backlog=1024)
