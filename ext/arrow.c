@@ -332,6 +332,8 @@ static void convert_values(ArrowScan *scan, ArrowColumn *col, const struct Arrow
 						   char **bump);
 static void convert_dictionary(ArrowScan *scan, ArrowColumn *col);
 static void arrow_error_callback(void *arg);
+static void malformed(ArrowColumn *col, const char *what) pg_attribute_noreturn();
+static void timestamp_out_of_range(ArrowColumn *col) pg_attribute_noreturn();
 
 
 /* ---------------------------------------------------------------------

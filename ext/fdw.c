@@ -865,6 +865,7 @@ row_to_slot(PyhostScanState *st, PyObject *row, TupleTableSlot *slot)
 	bool	   *isnull = slot->tts_isnull;
 	bool		is_mapping = PyDict_Check(row) || (!PySequence_Check(row) && PyMapping_Check(row));
 	PyObject   *seq = NULL;
+	PyObject   *volatile owned = NULL;	/* a value a non-dict mapping returned */
 
 	memset(isnull, true, sizeof(bool) * st->natts);
 	if (!is_mapping)
@@ -880,11 +881,13 @@ row_to_slot(PyhostScanState *st, PyObject *row, TupleTableSlot *slot)
 		}
 		if (PySequence_Fast_GET_SIZE(seq) < PyList_GET_SIZE(st->column_names))
 		{
+			Py_ssize_t	have = PySequence_Fast_GET_SIZE(seq);
+
 			Py_DECREF(seq);
 			ereport(ERROR,
 					(errcode(ERRCODE_FDW_INVALID_DATA_TYPE),
 					 errmsg("a row has %zd values but the foreign table has %zd columns",
-							PySequence_Fast_GET_SIZE(seq), PyList_GET_SIZE(st->column_names)),
+							have, PyList_GET_SIZE(st->column_names)),
 					 errhint("Return rows as mappings of column names, or sequences with a value for every column in table order.")));
 		}
 	}
@@ -914,14 +917,26 @@ row_to_slot(PyhostScanState *st, PyObject *row, TupleTableSlot *slot)
 					PyErr_Clear();
 					continue;	/* a missing key is NULL, as in multicorn */
 				}
+				/*
+				 * A new reference: nothing says the mapping keeps the value alive
+				 * (it may compute it), so it is released after its conversion.
+				 */
 				if (!PyDict_Check(row))
-					Py_DECREF(value);	/* the row keeps it alive */
+					owned = value;
 			}
 			values[i] = pyhost_python_to_datum(value, &st->convs[i], &isnull[i]);
+			if (owned != NULL)
+			{
+				PyObject   *done = owned;
+
+				owned = NULL;
+				Py_DECREF(done);
+			}
 		}
 	}
 	PG_FINALLY();
 	{
+		Py_XDECREF(owned);
 		Py_XDECREF(seq);
 	}
 	PG_END_TRY();

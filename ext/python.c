@@ -974,6 +974,8 @@ via_str(PyObject *obj, PyhostColumnConv *conv)
 	return d;
 }
 
+static void conversion_error(PyhostColumnConv *conv, PyObject *obj) pg_attribute_noreturn();
+
 static void
 conversion_error(PyhostColumnConv *conv, PyObject *obj)
 {

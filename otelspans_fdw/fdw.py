@@ -74,6 +74,7 @@ except ImportError:  # our host, or outside any backend
 from otelspans_fdw import backend, db, qualvalues
 from otelspans_fdw.exceptions import (
     ConfigurationError,
+    InvalidArgumentError,
     InvalidQueryError,
     MetadataError,
     OtelSpansError,
@@ -173,6 +174,21 @@ def _reported(method: _F) -> _F:
     return call  # type: ignore[return-value]
 
 
+def _int_option(options: Mapping[str, str], name: str, default: str | int) -> int:
+    """A positive integer option; a clear error naming it otherwise."""
+    text = options.get(name, default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidArgumentError(
+            f"option {name} must be a positive integer, not {text!r}",
+            hint=f"ALTER FOREIGN TABLE ... OPTIONS (SET {name} '{default}').",
+        )
+    return value
+
+
 class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     """Spans of the processes named by the quals, refreshed just in time."""
 
@@ -180,9 +196,9 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         super().__init__(fdw_options, fdw_columns)
         self.options = dict(fdw_options)
         self.table_columns = [c for c in fdw_columns if c in COLUMN_NAMES]
-        self.rows_per_process = int(self.options.get("rows_per_process", "100000"))
-        self.rows_per_trace = int(self.options.get("rows_per_trace", "50"))
-        self.max_processes = int(self.options.get("max_processes", _DEFAULT_MAX_PROCESSES))
+        self.rows_per_process = _int_option(self.options, "rows_per_process", "100000")
+        self.rows_per_trace = _int_option(self.options, "rows_per_trace", "50")
+        self.max_processes = _int_option(self.options, "max_processes", _DEFAULT_MAX_PROCESSES)
         self._path_rows: tuple[float, int] | None = None
         self._total: tuple[float, int] | None = None
         #: Report of the last scan (tests and EXPLAIN ANALYZE-like inspection).

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from otelspans_fdw import backend, db
-from otelspans_fdw.exceptions import ConfigurationError
+from otelspans_fdw.exceptions import ConfigurationError, InvalidArgumentError
 from otelspans_fdw.objstore import ObjectStore, store_from_options
 
 __all__ = ["DEFAULT_SERVER", "publish", "retention", "server_options"]
@@ -89,7 +89,15 @@ def retention(
     from otelspans_fdw.lake import retention as lake_retention
 
     if older_than_seconds < 0:
-        raise ConfigurationError("older_than must not be negative")
+        raise InvalidArgumentError(
+            "older_than must not be negative",
+            hint="Pass how old data must be to go, e.g. older_than => '7 days'.",
+        )
+    if grace_seconds is not None and grace_seconds < 0:
+        raise InvalidArgumentError(
+            "grace must not be negative",
+            hint="Pass how long replaced files stay readable, e.g. grace => '10 minutes'.",
+        )
     conn, dsn, store, _ = _configure(server)
     with conn:
         stats = lake_retention.run(
@@ -108,6 +116,11 @@ def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int 
     from otelspans_fdw.lake import publish as lake_publish
     from otelspans_fdw.objstore import file_mode, shared_files
 
+    if batch < 1:
+        raise InvalidArgumentError(
+            f"batch must be at least 1, not {batch}",
+            hint="Pass batch => 1 or more (the default is 500 files per snapshot).",
+        )
     conn, dsn, store, options = _configure(server)
     limit = int(options.get("max_stale_spans", lake_publish.DEFAULT_MAX_STALE_SPANS))
     with conn, file_mode(shared_files(options)):

@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 
+from otelspans_fdw.exceptions import InvalidArgumentError
 from otelspans_fdw.lake import publish, refresh
 from otelspans_fdw.lake.partitions import ensure_schema, lock_key
 from otelspans_fdw.objstore import ObjectStore
@@ -64,7 +65,9 @@ def parse_duration(text: str) -> dt.timedelta:
     try:
         return dt.timedelta(seconds=float(text))
     except ValueError:
-        raise ValueError(f"invalid duration {text!r}: use e.g. 30m, 12h, 7d") from None
+        raise InvalidArgumentError(
+            f"invalid duration {text!r}", hint="Use a number and a unit, e.g. 30m, 12h, 7d."
+        ) from None
 
 
 @dataclass(slots=True)
@@ -265,7 +268,10 @@ def run(
     """Remove everything inserted before the cut (see the module docstring); ``conn`` must be
     in autocommit mode so that each batch commits on its own."""
     if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+        raise InvalidArgumentError(
+            f"batch_size must be at least 1, not {batch_size}",
+            hint="Pass batch_size => 1 or more (the default is 1000 blocks per transaction).",
+        )
     if not conn.autocommit:
         raise ValueError("retention needs an autocommit connection (one transaction per batch)")
     stats = RetentionStats()
