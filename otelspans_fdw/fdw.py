@@ -220,7 +220,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         limits = ScanLimits(
             _interval(conn, max_window) if max_window else None,
             self.max_processes,
-            int(self.options.get("max_stale_spans", _DEFAULT_MAX_STALE_SPANS)),
+            _int_option(self.options, "max_stale_spans", _DEFAULT_MAX_STALE_SPANS),
         )
         info = backend.backend_info()
         return SpansLake(

@@ -112,7 +112,7 @@ def hostile(fresh_dsn: str, pg: LocalCluster, receiver_factory: Any) -> Iterator
     os.chmod(store, 0o777)  # the receiver (this user) and the backend (postgres) share it
     rcv = receiver_factory(store=store)
     conn = psycopg.connect(fresh_dsn, autocommit=True)
-    conn.execute("CREATE EXTENSION otelspans")
+    conn.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
     conn.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store}')")
     yield rcv, conn, store
     conn.close()
