@@ -66,7 +66,8 @@ def parse_duration(text: str) -> dt.timedelta:
         return dt.timedelta(seconds=float(text))
     except ValueError:
         raise InvalidArgumentError(
-            f"invalid duration {text!r}", hint="Use a number and a unit, e.g. 30m, 12h, 7d."
+            f"invalid duration {text!r}: use e.g. 30m, 12h, 7d",
+            hint="A number and a unit: s, m, h, d or w (plain numbers are seconds).",
         ) from None
 
 
