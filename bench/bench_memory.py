@@ -153,7 +153,9 @@ def main() -> int:
             with psycopg.connect(dsn, autocommit=True) as c:
                 c.execute("CREATE EXTENSION IF NOT EXISTS otelspans")
                 c.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store_dir}')")
-                c.execute("ALTER SERVER otel_spans_server OPTIONS (ADD max_stale_spans '100000000')")
+                c.execute(
+                    "ALTER SERVER otel_spans_server OPTIONS (ADD max_stale_spans '100000000')"
+                )
                 db.migrate(c)
             store = LocalStore(store_dir, durable=False)
             t = time.perf_counter()
