@@ -292,3 +292,23 @@ def test_lock_key_is_the_same_instant_in_any_time_zone() -> None:
     paris = utc.astimezone(_dt.timezone(_dt.timedelta(hours=2)))
     assert lock_key(pid, utc) == lock_key(pid, paris)
     assert lock_key(pid, utc) != lock_key(pid, utc + _dt.timedelta(hours=1))
+
+
+def test_partition_bigger_than_memory_budget_streams(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SPILL_ROWS a refresh spills sorted runs and merges them; same rows, same scans."""
+    from otelspans_fdw.lake import decode, parquet
+
+    monkeypatch.setattr(parquet, "SPILL_ROWS", 700)
+    monkeypatch.setattr(decode, "BATCH_BYTES", 20_000)  # several decode batches
+    bids = [
+        env.ing.add(make_resource_spans(n=300, seed=500 + k), insert_time=HOUR_A) for k in range(8)
+    ]
+    pid = env.pid_of(bids[0])
+    got, _ = env.scan(req([pid]))
+    assert got == env.ing.expected([pid]) and len(got) > 2000
+    assert env.one("SELECT count(*) FROM otel_partition_files") == 1
+    w0 = T0 + dt.timedelta(milliseconds=2)
+    got, _ = env.scan(req([pid], w0, w0 + dt.timedelta(milliseconds=3)))
+    assert got == overlapping(env.ing.expected([pid]), w0, w0 + dt.timedelta(milliseconds=3))

@@ -45,7 +45,7 @@ import re
 import struct
 import uuid
 from binascii import hexlify
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -708,9 +708,9 @@ def _scope_rows_slow(scope: _Scope) -> dict[str, pa.Array]:
 # --- blocks ----------------------------------------------------------------------------------
 
 #: Payload bytes decoded in one columnar pass: large enough to amortise the fixed cost of the
-#: Arrow calls (about 10 us each, some 60 per pass), small enough to bound memory and keep
-#: string offsets far from the 2 GiB limit of 32-bit offsets.
-BATCH_BYTES = 32 << 20
+#: Arrow calls (about 10 us each, some 60 per pass: under 1% of an 8 MB pass), small enough
+#: to bound a refresh's memory (rows are written batch by batch, see ``lake/refresh.py``).
+BATCH_BYTES = 8 << 20
 
 
 @dataclass(slots=True)
@@ -734,18 +734,34 @@ def decode_blocks(
     """
     errors: dict[int, DecodeError] = {}
     tables: list[pa.Table] = []
+    for got in iter_decode_blocks(blocks, columnar=columnar):
+        tables.append(got.table)
+        errors.update(got.errors)
+    if not tables:
+        return DecodedBlocks(empty_table(), errors)
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return DecodedBlocks(table, errors)
+
+
+def iter_decode_blocks(
+    blocks: Iterable[tuple[bytes, BlockInfo]], *, columnar: bool = True
+) -> Iterator[DecodedBlocks]:
+    """:func:`decode_blocks` one batch (:data:`BATCH_BYTES` of payload) at a time, so that a
+    caller writing rows as they come holds one batch of payloads and rows, not the
+    partition's.  Errors are keyed by position in ``blocks``, as in :func:`decode_blocks`."""
     batch: list[tuple[int, bytes, BlockInfo]] = []
     size = 0
     for i, (payload, info) in enumerate(blocks):
         batch.append((i, payload, info))
         size += len(payload)
         if size >= BATCH_BYTES:
-            tables.append(_decode_batch(batch, errors, columnar))
+            errors: dict[int, DecodeError] = {}
+            table = _decode_batch(batch, errors, columnar)
             batch, size = [], 0
-    if batch or not tables:
-        tables.append(_decode_batch(batch, errors, columnar))
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-    return DecodedBlocks(table, errors)
+            yield DecodedBlocks(table, errors)
+    if batch:
+        errors = {}
+        yield DecodedBlocks(_decode_batch(batch, errors, columnar), errors)
 
 
 def decode_block(payload: bytes, info: BlockInfo, *, columnar: bool = True) -> pa.Table:

@@ -13,8 +13,12 @@ the pushed filter evaluated against row-group statistics and then rows, and a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import tempfile
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from otelspans_fdw.objstore import ObjectStore
+from otelspans_fdw.objstore import LocalStore, ObjectStore
 from otelspans_fdw.schema import (
     COLUMNS,
     LOW_CARDINALITY_COLUMNS,
@@ -42,6 +46,7 @@ __all__ = [
     "open_scan",
     "read_table",
     "write_file",
+    "write_stream",
 ]
 
 ROW_GROUP_ROWS = 8192
@@ -113,6 +118,191 @@ def write_file(
     lo, hi = _time_bounds(table)
     nb_groups = max(1, -(-table.num_rows // ROW_GROUP_ROWS))
     return WrittenFile(path, table.num_rows, nb_groups, buf.size, lo, hi)
+
+
+#: Rows kept in memory before a streamed write spills sorted runs to local disk.  Below it a
+#: partition is written as before (sorted in memory, one atomic put); above it memory stays
+#: about constant whatever the partition's size.
+SPILL_ROWS = 65_536
+
+
+def write_stream(
+    store: ObjectStore,
+    process_id: uuid.UUID,
+    hour: dt.datetime,
+    tables: Iterable[pa.Table],
+    *,
+    sorted_files: Sequence[str] = (),
+) -> WrittenFile | None:
+    """Store the rows of ``tables`` (and of the already sorted partition files
+    ``sorted_files``) as one new file sorted by start time; None when there are no rows.
+
+    Small inputs go through :func:`write_file`.  Larger ones are an external merge sort: each
+    :data:`SPILL_ROWS` of input is sorted and spilled to a local temporary Arrow file (a
+    *run*; existing partition files are runs already), then the runs are merged a few row
+    groups at a time straight into the store.  Nothing refers to the new file before the
+    refresh commits, so a streamed write needs no atomic put: a crash leaves an orphan that
+    :func:`otelspans_fdw.lake.refresh.collect_garbage` removes.
+    """
+    buffered: list[pa.Table] = []
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        spill_dir: str | None = None
+        runs: list[_Run] = []
+        for t in tables:
+            if not t.num_rows:
+                continue
+            buffered.append(t)
+            rows += t.num_rows
+            if rows >= SPILL_ROWS:
+                if spill_dir is None:
+                    spill_dir = stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="otelspans-")
+                    )
+                runs.append(_spill(spill_dir, len(runs), buffered))
+                buffered, rows = [], 0
+        if not runs and not sorted_files:
+            if not buffered:
+                return None
+            return write_file(store, process_id, hour, pa.concat_tables(buffered))
+        if buffered:
+            runs.append(_MemoryRun(pa.concat_tables(buffered).sort_by(SORT_COLUMN)))
+            del buffered
+        runs[:0] = [_ParquetRun(store, p) for p in sorted_files]
+        return _merge(store, file_path(process_id, hour), runs)
+
+
+class _Run:
+    """A source of rows sorted by start time, read a few row groups at a time."""
+
+    def next_batch(self) -> pa.Table | None:
+        raise NotImplementedError
+
+
+class _MemoryRun(_Run):
+    def __init__(self, table: pa.Table):
+        self.table: pa.Table | None = table
+
+    def next_batch(self) -> pa.Table | None:
+        t, self.table = self.table, None
+        return t
+
+
+class _IpcRun(_Run):
+    def __init__(self, path: str):
+        self.reader = pa.ipc.open_file(pa.OSFile(path))  # not mapped: read batch by batch
+        self.i = 0
+
+    def next_batch(self) -> pa.Table | None:
+        if self.i >= self.reader.num_record_batches:
+            return None
+        self.i += 1
+        return pa.Table.from_batches([self.reader.get_batch(self.i - 1)])
+
+
+class _ParquetRun(_Run):
+    def __init__(self, store: ObjectStore, path: str):
+        f = pq.ParquetFile(store.fs_path(path), filesystem=store.filesystem)
+        self.batches = f.iter_batches(batch_size=ROW_GROUP_ROWS)
+
+    def next_batch(self) -> pa.Table | None:
+        b = next(self.batches, None)
+        return None if b is None else pa.Table.from_batches([b]).cast(arrow_schema())
+
+
+def _spill(directory: str, n: int, tables: list[pa.Table]) -> _Run:
+    """Sort ``tables`` together and write them as one run file (uncompressed Arrow IPC)."""
+    table = pa.concat_tables(tables).sort_by(SORT_COLUMN)
+    path = os.path.join(directory, f"run-{n}.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=ROW_GROUP_ROWS)
+    return _IpcRun(path)
+
+
+def _merge(store: ObjectStore, path: str, runs: list[_Run]) -> WrittenFile | None:
+    """Merge sorted ``runs`` into the Parquet file ``path``, in full row groups.
+
+    Each round takes, from every run's buffered rows, those starting no later than the
+    smallest "last buffered start" of the runs (nothing still unread can sort before them),
+    sorts that slice (a stable sort: ties keep run order, i.e. input order, as one big sort
+    would) and writes it.  Memory: a few row groups per run.
+    """
+    schema = arrow_schema()
+    heads: list[pa.Table | None] = [r.next_batch() for r in runs]
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    nb_rows = groups = 0
+    lo: dt.datetime | None = None
+    hi: dt.datetime | None = None
+    writer: pq.ParquetWriter | None = None
+    sink = None
+    opts = {k: v for k, v in WRITE_OPTIONS.items() if k != "row_group_size"}
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_rows, writer, sink, nb_rows, groups
+        if not pending_rows:
+            return
+        out = pa.concat_tables(pending)
+        cut = out.num_rows if final else out.num_rows - out.num_rows % ROW_GROUP_ROWS
+        if cut == 0:
+            return
+        if writer is None:
+            store.ensure_parent(path)
+            sink = store.filesystem.open_output_stream(store.fs_path(path))
+            writer = pq.ParquetWriter(sink, schema, **opts)
+        writer.write_table(out.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+        nb_rows += cut
+        groups += -(-cut // ROW_GROUP_ROWS)
+        rest = out.slice(cut)
+        pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    start = SORT_COLUMN
+    while True:
+        for i, r in enumerate(runs):
+            while heads[i] is not None and heads[i].num_rows == 0:  # type: ignore[union-attr]
+                heads[i] = r.next_batch()
+        live = [h for h in heads if h is not None]
+        if not live:
+            break
+        cutoff = pa.scalar(
+            min(h.column(start)[h.num_rows - 1].value for h in live), schema.field(start).type
+        )
+        taken = []
+        for i, h in enumerate(heads):
+            if h is None:
+                continue
+            n = pc.sum(pc.less_equal(h.column(start), cutoff).cast(pa.int64())).as_py() or 0
+            if n:
+                taken.append(h.slice(0, n))
+                heads[i] = h.slice(n)
+        chunk = pa.concat_tables(taken).sort_by(start) if len(taken) > 1 else taken[0]
+        t_lo, t_hi = _time_bounds(chunk)
+        lo = t_lo if lo is None else min(lo, t_lo)  # type: ignore[type-var]
+        hi = t_hi if hi is None else max(hi, t_hi)  # type: ignore[type-var]
+        pending.append(chunk.cast(schema))
+        pending_rows += chunk.num_rows
+        if pending_rows >= ROW_GROUP_ROWS:
+            flush(False)
+    flush(True)
+    if writer is None:
+        return None
+    writer.close()
+    assert sink is not None
+    sink.close()
+    _sync(store, path)
+    size = store.filesystem.get_file_info(store.fs_path(path)).size
+    return WrittenFile(path, nb_rows, groups, int(size or 0), lo, hi)
+
+
+def _sync(store: ObjectStore, path: str) -> None:
+    """Make a streamed local file durable, as :meth:`LocalStore.put_if_absent` does."""
+    if not isinstance(store, LocalStore) or not store.durable:
+        return
+    fd = os.open(store.fs_path(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_table(store: ObjectStore, path: str) -> pa.Table:

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from otelspans_fdw.exceptions import StoreError
 from otelspans_fdw.lake import parquet
-from otelspans_fdw.lake.decode import BlockInfo, decode_blocks
+from otelspans_fdw.lake.decode import BlockInfo, iter_decode_blocks
 from otelspans_fdw.lake.partitions import (
     BlockRow,
     PartitionState,
@@ -47,7 +47,7 @@ from otelspans_fdw.lake.partitions import (
     stored_partition,
 )
 from otelspans_fdw.objstore import ObjectStore
-from otelspans_fdw.schema import SCHEMA_VERSION, arrow_schema
+from otelspans_fdw.schema import SCHEMA_VERSION
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -113,20 +113,22 @@ def _record_error(conn: psycopg.Connection, block: BlockRow, pid: uuid.UUID, err
     )
 
 
-def _decode_blocks(
+def _decoded_tables(
     conn: psycopg.Connection,
     store: ObjectStore,
     process_id: uuid.UUID,
     blocks: Sequence[BlockRow],
     stats: RefreshStats,
     warn: Warn,
+    covered: set[uuid.UUID],
     processes: dict[uuid.UUID, _Process] | None = None,
-) -> tuple[list[pa.Table], set[uuid.UUID]]:
-    """Decoded tables of ``blocks`` and the ids now covered (decoded or undecodable).
+) -> Iterator[pa.Table]:
+    """The decoded rows of ``blocks``, one batch at a time; adds to ``covered`` the ids of the
+    blocks consumed so far (decoded or undecodable).
 
-    The blocks go to the decoder together (``decode_blocks``: one columnar pass per batch,
-    whose fixed costs would dominate small blocks decoded one by one); payloads are read
-    lazily, so at most one batch of them is in memory.
+    The blocks go to the decoder together (one columnar pass per batch, whose fixed costs
+    would dominate small blocks decoded one by one); payloads are read lazily and the rows
+    handed on batch by batch, so a partition of any size holds one batch of each in memory.
     """
     proc = processes.get(process_id) if processes is not None else None
     if proc is None:
@@ -159,19 +161,22 @@ def _decode_blocks(
                 ),
             )
 
-    decoded = decode_blocks(payloads())
-    covered: set[uuid.UUID] = set()
-    for i, b in enumerate(fetched):
-        err = decoded.errors.get(i)
-        if err is not None:
-            stats.blocks_failed += 1
-            stats.failed_block_ids.append(b.block_id)
-            _record_error(conn, b, process_id, str(err))
-            warn(f"otel_spans: block {b.block_id} cannot be decoded and is skipped: {err}")
-        else:
-            stats.blocks_decoded += 1
-        covered.add(b.block_id)
-    return ([decoded.table] if decoded.table.num_rows else []), covered
+    done = 0
+    for decoded in iter_decode_blocks(payloads()):
+        for i in range(done, len(fetched)):
+            b = fetched[i]
+            err = decoded.errors.get(i)
+            if err is not None:
+                stats.blocks_failed += 1
+                stats.failed_block_ids.append(b.block_id)
+                _record_error(conn, b, process_id, str(err))
+                warn(f"otel_spans: block {b.block_id} cannot be decoded and is skipped: {err}")
+            else:
+                stats.blocks_decoded += 1
+            covered.add(b.block_id)
+        done = len(fetched)
+        if decoded.table.num_rows:
+            yield decoded.table
 
 
 def refresh_partition(
@@ -210,14 +215,14 @@ def refresh_partition(
         )
         covered_before = set() if full else set(stored.block_ids)  # type: ignore[union-attr]
         missing = [b for b in blocks if b.block_id not in covered_before]
-        tables, covered_now = _decode_blocks(
-            conn, store, process_id, missing, stats, warn, processes
+        covered_now: set[uuid.UUID] = set()
+        tables = _decoded_tables(
+            conn, store, process_id, missing, stats, warn, covered_now, processes
         )
-        covered = covered_before | covered_now
         old_files = [] if stored is None else _partition_files(conn, process_id, hour)
-        new_rows = pa.concat_tables(tables) if tables else arrow_schema().empty_table()
 
         replaced: list[str] = []
+        merge: list[tuple[str, int]] = []
         if full:
             replaced = [f[0] for f in old_files]
             keep: list[tuple[str, int]] = []
@@ -227,14 +232,13 @@ def refresh_partition(
                 # Merge every file but the biggest (the base) with the new rows.
                 keep.sort(key=lambda f: f[1], reverse=True)
                 merge, keep = keep[1:], keep[:1]
-                new_rows = pa.concat_tables(
-                    [*(parquet.read_table(store, p) for p, _ in merge), new_rows]
-                )
                 replaced = [p for p, _ in merge]
                 stats.partitions_merged += 1
-        written = (
-            parquet.write_file(store, process_id, hour, new_rows) if new_rows.num_rows else None
+        # Streamed: rows are decoded, sorted and written a batch at a time (bounded memory).
+        written = parquet.write_stream(
+            store, process_id, hour, tables, sorted_files=[p for p, _ in merge]
         )
+        covered = covered_before | covered_now
         if written is not None:
             stats.rows_written += written.nb_rows
         _commit(conn, process_id, hour, blocks, covered, written, replaced, only_file=not keep)
@@ -344,6 +348,9 @@ def refresh_partitions(
                 conn, store, st.process_id, st.hour, stats=stats, warn=warn, processes=processes
             )
     stats.seconds = time.perf_counter() - t0
+    # Give back what the refresh's Arrow buffers took (the allocator keeps freed memory
+    # otherwise, and a backend would hold its peak while it idles).
+    pa.default_memory_pool().release_unused()
     return stats
 
 
