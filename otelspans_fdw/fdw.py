@@ -74,7 +74,6 @@ except ImportError:  # our host, or outside any backend
 from otelspans_fdw import backend, db, qualvalues
 from otelspans_fdw.exceptions import (
     ConfigurationError,
-    InvalidArgumentError,
     InvalidQueryError,
     MetadataError,
     OtelSpansError,
@@ -82,6 +81,7 @@ from otelspans_fdw.exceptions import (
 from otelspans_fdw.lake import aggregate
 from otelspans_fdw.lake.spans import ScanLimits, ScanReport, SpansLake, route
 from otelspans_fdw.objstore import file_mode, shared_files, store_from_options
+from otelspans_fdw.options import positive_int
 from otelspans_fdw.quals import ScanRequest, TimeWindow, scan_request, session_zone
 from otelspans_fdw.schema import COLUMN_NAMES
 
@@ -174,21 +174,6 @@ def _reported(method: _F) -> _F:
     return call  # type: ignore[return-value]
 
 
-def _int_option(options: Mapping[str, str], name: str, default: str | int) -> int:
-    """A positive integer option; a clear error naming it otherwise."""
-    text = options.get(name, default)
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InvalidArgumentError(
-            f"option {name} must be a positive integer, not {text!r}",
-            hint=f"ALTER FOREIGN TABLE ... OPTIONS (SET {name} '{default}').",
-        )
-    return value
-
-
 class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
     """Spans of the processes named by the quals, refreshed just in time."""
 
@@ -196,9 +181,9 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         super().__init__(fdw_options, fdw_columns)
         self.options = dict(fdw_options)
         self.table_columns = [c for c in fdw_columns if c in COLUMN_NAMES]
-        self.rows_per_process = _int_option(self.options, "rows_per_process", "100000")
-        self.rows_per_trace = _int_option(self.options, "rows_per_trace", "50")
-        self.max_processes = _int_option(self.options, "max_processes", _DEFAULT_MAX_PROCESSES)
+        self.rows_per_process = positive_int(self.options, "rows_per_process", "100000")
+        self.rows_per_trace = positive_int(self.options, "rows_per_trace", "50")
+        self.max_processes = positive_int(self.options, "max_processes", _DEFAULT_MAX_PROCESSES)
         self._path_rows: tuple[float, int] | None = None
         self._total: tuple[float, int] | None = None
         #: Report of the last scan (tests and EXPLAIN ANALYZE-like inspection).
@@ -220,7 +205,7 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
         limits = ScanLimits(
             _interval(conn, max_window) if max_window else None,
             self.max_processes,
-            _int_option(self.options, "max_stale_spans", _DEFAULT_MAX_STALE_SPANS),
+            positive_int(self.options, "max_stale_spans", _DEFAULT_MAX_STALE_SPANS),
         )
         info = backend.backend_info()
         return SpansLake(

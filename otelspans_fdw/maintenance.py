@@ -26,6 +26,7 @@ import psycopg
 from otelspans_fdw import backend, db
 from otelspans_fdw.exceptions import ConfigurationError, InvalidArgumentError
 from otelspans_fdw.objstore import ObjectStore, store_from_options
+from otelspans_fdw.options import positive_int
 
 __all__ = ["DEFAULT_SERVER", "publish", "retention", "server_options"]
 
@@ -122,7 +123,7 @@ def publish(batch: int = 500, server: str = DEFAULT_SERVER) -> Mapping[str, int 
             hint="Pass batch => 1 or more (the default is 500 files per snapshot).",
         )
     conn, dsn, store, options = _configure(server)
-    limit = int(options.get("max_stale_spans", lake_publish.DEFAULT_MAX_STALE_SPANS))
+    limit = positive_int(options, "max_stale_spans", lake_publish.DEFAULT_MAX_STALE_SPANS)
     with conn, file_mode(shared_files(options)):
         db.require_current(conn)
         stats = lake_publish.publish(conn, dsn, store, batch=batch, max_stale_spans=limit)
