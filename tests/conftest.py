@@ -76,17 +76,34 @@ class ReceiverProcess:
             "0",
             *extra,
         ]
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        # Output goes to files, not pipes: nobody drains a pipe during a test, and a receiver
+        # that logs 64 KB into one blocks on its next write.
+        logs = Path(tempfile.mkdtemp(prefix="otelspans-receiver-"))
+        self.stdout_path, self.stderr_path = logs / "stdout", logs / "stderr"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=ROOT)
+        line = self._first_line(timeout=60.0)
         if "listening" not in line:
             self.proc.kill()
-            raise RuntimeError(f"receiver did not start: {line}{self.proc.stderr.read()}")
+            raise RuntimeError(f"receiver did not start: {line}{self.stderr_path.read_text()}")
         fields = dict(p.split("=") for p in line.split() if "=" in p)
         self.http_port, self.grpc_port = int(fields["http"]), int(fields["grpc"])
         self.metrics_port = int(fields.get("metrics", -1))  # with --metrics-port
+
+    def _first_line(self, timeout: float) -> str:
+        """The receiver's first complete line of output ("listening ..."), or "" if it exits
+        or says nothing within ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.stdout_path.read_text()
+            if "\n" in text:
+                return text.split("\n", 1)[0] + "\n"
+            if self.proc.poll() is not None:
+                return text
+            time.sleep(0.02)
+        return ""
 
     @property
     def http_url(self) -> str:
