@@ -37,9 +37,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_spans import bench_database
 
-from otelspans_fdw.ingest import demo
 from otelspans_fdw.ingest.decode import decode_request
 from otelspans_fdw.ingest.metadata import write_blocks
+from otelspans_fdw.loadgen import traffic
 from otelspans_fdw.objstore import LocalStore
 
 BASE_NS = 1_750_000_000 * 10**9
@@ -52,13 +52,13 @@ SLOT_S = 10
 
 def ingest(dsn: str, store: LocalStore, spans: int, processes: int) -> list[str]:
     """One hour of demo traffic from ``BASE``, a slot every 10 s; returns the trace ids."""
-    model = demo.TraceModel(seed=7, processes=processes, base_time_ns=BASE_NS)
+    model = traffic.TraceModel(seed=7, processes=processes, base_time_ns=BASE_NS)
     slots = 3600 // SLOT_S
     traces: set[str] = set()
     with psycopg.connect(dsn) as c:
         for slot in range(slots):
             model.clock = BASE_NS + slot * SLOT_S * 10**9
-            for body in demo.encode_requests(model, spans // slots, 10_000):
+            for body in traffic.encode_requests(model, spans // slots, 10_000):
                 blocks = decode_request(body).blocks
                 for b in blocks:
                     store.put_if_absent(b.object_path, b.payload)

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 from otelspans_fdw.devcluster import LocalCluster
-from otelspans_fdw.ingest import demo
+from otelspans_fdw.loadgen import send, traffic
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -70,8 +70,8 @@ def main() -> int:
     args = ap.parse_args()
 
     t = time.monotonic()
-    model = demo.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
-    bodies = demo.encode_requests(model, args.spans, args.batch)
+    model = traffic.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
+    bodies = traffic.encode_requests(model, args.spans, args.batch)
     from otelspans_fdw.ingest.decode import decode_request
 
     counts = [decode_request(b).nb_spans for b in bodies]
@@ -100,10 +100,10 @@ def main() -> int:
             proc, hport, gport = start_receiver(cluster.dsn(dbname), base / f"store-{proto}", extra)
             try:
                 endpoint = f"127.0.0.1:{hport}" if proto == "http" else f"127.0.0.1:{gport}"
-                prog = demo.Progress(total, enabled=sys.stderr.isatty())
+                prog = send.Progress(total, enabled=sys.stderr.isatty())
                 t0 = time.monotonic()
                 sent, failed = asyncio.run(
-                    demo.send_raw(
+                    send.send_raw(
                         bodies,
                         counts,
                         protocol=proto,

@@ -29,10 +29,10 @@ import psycopg
 
 from otelspans_fdw import db
 from otelspans_fdw.devcluster import LocalCluster
-from otelspans_fdw.ingest import demo
 from otelspans_fdw.ingest.decode import decode_request
 from otelspans_fdw.ingest.metadata import write_blocks
 from otelspans_fdw.lake.decode import BlockInfo, decode_block
+from otelspans_fdw.loadgen import traffic
 from otelspans_fdw.objstore import LocalStore
 from otelspans_fdw.schema import COLUMNS
 
@@ -50,12 +50,12 @@ def ingest(
     dsn: str, store: LocalStore, *, seed: int, processes: int, hours: int, per_hour: int
 ) -> list[bytes]:
     """Write the blocks of ``hours`` hours of demo traffic; return the payloads."""
-    model = demo.TraceModel(seed=seed, processes=processes, base_time_ns=BASE_NS)
+    model = traffic.TraceModel(seed=seed, processes=processes, base_time_ns=BASE_NS)
     payloads = []
     with psycopg.connect(dsn) as c:
         for slot in range(hours * 12):  # SDK-like: one export per process every 5 minutes
             model.clock = BASE_NS + slot * 300 * 10**9
-            for body in demo.encode_requests(model, per_hour // 12, 1000):
+            for body in traffic.encode_requests(model, per_hour // 12, 1000):
                 blocks = decode_request(body).blocks
                 for b in blocks:
                     store.put_if_absent(b.object_path, b.payload)
@@ -185,7 +185,7 @@ def main() -> int:
 
         # live ingestion: k new blocks for the measured process, then a full scan
         live = []
-        model = demo.TraceModel(seed=42, processes=args.processes, base_time_ns=BASE_NS)
+        model = traffic.TraceModel(seed=42, processes=args.processes, base_time_ns=BASE_NS)
         proc_attrs = None
         for p in model.processes:
             if demo_pid(p) == pid:
@@ -253,7 +253,7 @@ def demo_pid(p: object) -> object:
 
 
 def add_live_blocks(
-    dsn: str, store: LocalStore, pid: object, k: int, model: demo.TraceModel, proc: object
+    dsn: str, store: LocalStore, pid: object, k: int, model: traffic.TraceModel, proc: object
 ) -> int:
     """k new blocks of 1,000 spans for the process ``pid``, inserted now."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -265,12 +265,12 @@ def add_live_blocks(
         for i in range(k):
             req = ExportTraceServiceRequest()
             rs = req.resource_spans.add()
-            rs.resource.attributes.extend(demo._kvs(proc.attributes))  # type: ignore[attr-defined]
+            rs.resource.attributes.extend(traffic.kvs(proc.attributes))  # type: ignore[attr-defined]
             ss = rs.scope_spans.add()
             ss.scope.name = "live"
             specs = list(model.spans(1000))
             for s in specs:
-                demo._fill(ss.spans.add(), s)
+                traffic.fill_span(ss.spans.add(), s)
             ss.scope.version = f"{time.time_ns()}-{i}"  # distinct payloads
             blocks = decode_request(req.SerializeToString()).blocks
             assert blocks[0].process.process_id == pid

@@ -15,7 +15,8 @@ ratio, and the index's rows, ids and bytes.
 Part 2 (``--lookup``): what a trace-by-id lookup costs in the two designs at the sizes of the
 issue's goals (1M and 10M spans), on synthetic metadata shaped like part 1's (blocks of
 ``--batch`` spans, the measured distinct-traces-per-block ratio):
-(a) ``otel_trace_blocks`` + its GIN, through :func:`otelspans_fdw.traces.blocks_for_traces`,
+(a) ``otel_trace_blocks`` + its GIN, through
+:func:`otelspans_fdw.lake.trace_index.blocks_for_traces`,
 with its pending list merged, one receiver merge interval pending, and near its cap;
 (b) one bloom filter per block (1% false positives, k=7) scanned with ``get_bit``.
 Prints warm median latencies and, for (b), the false-positive blocks a lookup drags in.
@@ -52,7 +53,6 @@ from bench_ingest import peak_rss_mib, start_receiver  # noqa: E402
 
 from otelspans_fdw import db  # noqa: E402
 from otelspans_fdw.devcluster import LocalCluster  # noqa: E402
-from otelspans_fdw.ingest import demo  # noqa: E402
 from otelspans_fdw.ingest.decode import Block, decode_request  # noqa: E402
 from otelspans_fdw.ingest.metadata import (  # noqa: E402
     SQL_BLOCKS,
@@ -62,7 +62,8 @@ from otelspans_fdw.ingest.metadata import (  # noqa: E402
     batch_params,
     trace_copy_data,
 )
-from otelspans_fdw.traces import blocks_for_traces  # noqa: E402
+from otelspans_fdw.lake.trace_index import blocks_for_traces  # noqa: E402
+from otelspans_fdw.loadgen import send, traffic  # noqa: E402
 
 # --- part 0 (``--candidates``): index designs replayed through one connection ------------------
 
@@ -257,8 +258,8 @@ def candidate_run(
 
 def part0(cluster: LocalCluster, args: argparse.Namespace) -> None:
     """Every candidate on the same decoded blocks, ``--rounds`` times, best of each."""
-    model = demo.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
-    bodies = demo.encode_requests(model, args.candidate_spans, args.batch)
+    model = traffic.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
+    bodies = traffic.encode_requests(model, args.candidate_spans, args.batch)
     blocks = [b for body in bodies for b in decode_request(body).blocks]
     print(
         f"candidates: {len(blocks):,} blocks of {args.batch} spans written by one connection, "
@@ -302,14 +303,14 @@ def ingest_run(
     try:
         t0 = time.monotonic()
         sent, failed = asyncio.run(
-            demo.send_raw(
+            send.send_raw(
                 bodies,
                 counts,
                 protocol="http",
                 endpoint=f"127.0.0.1:{hport}",
                 concurrency=concurrency,
                 token=None,
-                progress=demo.Progress(sum(counts), enabled=False),
+                progress=send.Progress(sum(counts), enabled=False),
             )
         )
         dt = time.monotonic() - t0
@@ -340,8 +341,8 @@ def ingest_run(
 
 def part1(cluster: LocalCluster, base: Path, args: argparse.Namespace) -> float:
     """Index on/off ingestion; returns indexed (trace, block) pairs per span (for part 2)."""
-    model = demo.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
-    bodies = demo.encode_requests(model, args.spans, args.batch)
+    model = traffic.TraceModel(seed=42, processes=8, base_time_ns=1_750_000_000 * 10**9)
+    bodies = traffic.encode_requests(model, args.spans, args.batch)
     counts = [decode_request(b).nb_spans for b in bodies]
     total = sum(counts)
     print(

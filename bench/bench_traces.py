@@ -40,9 +40,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otelspans_fdw import db
 from otelspans_fdw.devcluster import LocalCluster
-from otelspans_fdw.ingest import demo
 from otelspans_fdw.ingest.decode import decode_request
 from otelspans_fdw.ingest.metadata import write_blocks
+from otelspans_fdw.loadgen import traffic
 from otelspans_fdw.objstore import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +53,12 @@ CHUNK = 200_000
 
 def ingest(dsn: str, store: LocalStore, spans: int, seed: int) -> list[str]:
     """Write about ``spans`` spans of demo traffic; return every trace id (hex)."""
-    model = demo.TraceModel(seed=seed, processes=6, base_time_ns=BASE_NS)
+    model = traffic.TraceModel(seed=seed, processes=6, base_time_ns=BASE_NS)
     traces: list[str] = []
     done = 0
     with psycopg.connect(dsn) as c:
         while done < spans:
-            for body in demo.encode_requests(model, min(CHUNK, spans - done), 1000):
+            for body in traffic.encode_requests(model, min(CHUNK, spans - done), 1000):
                 blocks = decode_request(body).blocks
                 for b in blocks:
                     store.put_if_absent(b.object_path, b.payload)
@@ -85,10 +85,10 @@ def breakdown(conn: psycopg.Connection, store: LocalStore, sample: list[str]) ->
     from otelspans_fdw.lake import footers, partitions
     from otelspans_fdw.lake.filters import request_expression
     from otelspans_fdw.lake.spans import SpansLake
+    from otelspans_fdw.lake.trace_index import blocks_for_traces
     from otelspans_fdw.multicorn_api import Qual
     from otelspans_fdw.quals import scan_request
     from otelspans_fdw.schema import COLUMN_NAMES
-    from otelspans_fdw.traces import blocks_for_traces
 
     lake = SpansLake(conn, store)
     cache = footers.FooterCache()

@@ -189,9 +189,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from otelspans_fdw.ingest import demo
+    from otelspans_fdw.loadgen import send
 
-    result = demo.run(
+    result = send.run(
         endpoint=args.endpoint,
         protocol=args.protocol,
         spans=args.spans,

@@ -36,10 +36,10 @@ Tables (names and columns are relied on by the lake and the wrapper):
     spans, ``bounds`` their min start / max end in that block (two big-endian unsigned 64-bit
     integers per id, nanoseconds since the Unix epoch as in OTLP, in ``trace_ids`` order), and
     a GIN index on ``trace_ids``, so ``trace_id = X`` without a process finds its blocks with
-    one index probe (see :mod:`otelspans_fdw.traces`).  One row per block rather than one per
-    (trace, block) because heap rows were most of the ingestion cost (bench/RESULTS.md, "Trace
-    index"); the GIN pending list (``fastupdate``) turns the per-id index work into sorted bulk
-    merges, which the receiver runs on a connection of its own
+    one index probe (see :mod:`otelspans_fdw.lake.trace_index`).  One row per block rather than
+    one per (trace, block) because heap rows were most of the ingestion cost (bench/RESULTS.md,
+    "Trace index"); the GIN pending list (``fastupdate``) turns the per-id index work into sorted
+    bulk merges, which the receiver runs on a connection of its own
     (:func:`otelspans_fdw.ingest.metadata.clean_trace_index`), ``gin_pending_list_limit``
     (16 MB) only capping the list if those merges cannot run; ``STORAGE EXTERNAL`` skips a
     futile compression attempt on random ids.  The arrays live in TOAST, so the heap looks tiny

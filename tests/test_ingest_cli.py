@@ -11,8 +11,8 @@ import psycopg
 from ingest_helpers import block_rows, make_request
 from test_ingest_decode import otlp_json
 
-from otelspans_fdw.ingest import demo
 from otelspans_fdw.ingest.decode import decode_request
+from otelspans_fdw.loadgen import traffic
 
 
 def otelspans(*args: str) -> subprocess.CompletedProcess[str]:
@@ -92,7 +92,7 @@ def test_generate_sdk_grpc_makes_realistic_traces(receiver) -> None:
     assert r.returncode == 0, r.stderr
     with psycopg.connect(receiver.dsn) as c:
         exes = {x for (x,) in c.execute("SELECT exe FROM otel_processes")}
-    assert exes == {f"shop/{s}" for s in demo.SERVICES}
+    assert exes == {f"shop/{s}" for s in traffic.SERVICES}
     spans = {}
     proc_of = {}
     for p in (receiver.store / "blobs").rglob("*"):
@@ -118,7 +118,7 @@ def test_generate_sdk_grpc_makes_realistic_traces(receiver) -> None:
 
 def test_encode_requests_deterministic() -> None:
     def enc() -> list[bytes]:
-        return demo.encode_requests(demo.TraceModel(7, 6, 10**18), 2500, 1000)
+        return traffic.encode_requests(traffic.TraceModel(7, 6, 10**18), 2500, 1000)
 
     a = enc()
     assert a == enc()

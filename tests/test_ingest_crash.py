@@ -14,9 +14,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from otelspans_fdw.ingest import demo, identity
+from otelspans_fdw.ingest import identity
 from otelspans_fdw.ingest.cleanup import remove_orphans
 from otelspans_fdw.ingest.decode import decode_request
+from otelspans_fdw.loadgen import traffic
 from otelspans_fdw.objstore import open_store
 
 RESOURCE = {
@@ -50,8 +51,8 @@ def test_restart_keeps_process_ids(receiver_factory) -> None:
 
 
 def test_sigkill_while_clients_send(receiver_factory) -> None:
-    model = demo.TraceModel(seed=11, processes=6, base_time_ns=1_750_000_000 * 10**9)
-    bodies = demo.encode_requests(model, 60_000, 100)
+    model = traffic.TraceModel(seed=11, processes=6, base_time_ns=1_750_000_000 * 10**9)
+    bodies = traffic.encode_requests(model, 60_000, 100)
     acked: set[int] = set()
     lock = threading.Lock()
     r1 = receiver_factory()

@@ -29,7 +29,7 @@ from test_ingest_receiver import PB, post
 from otelspans_fdw import db
 from otelspans_fdw.ingest.decode import decode_request
 from otelspans_fdw.ingest.groupcommit import GroupCommitter
-from otelspans_fdw.traces import blocks_for_traces, parse_trace_ids
+from otelspans_fdw.lake.trace_index import blocks_for_traces, parse_trace_ids
 
 SERVICES = ["frontend", "checkout", "cart", "inventory", "payments", "shipping"]
 T0 = 1_760_000_000_000_000_000

@@ -7,7 +7,7 @@ This is what the wrapper calls; it knows nothing about Multicorn.  A scan:
    * **process**: ``process_id`` quals; the requested processes that exist (an unknown
      process simply has no rows), every hour whose blocks overlap the window;
    * **trace**: ``trace_id`` quals and no process: the trace index
-     (:func:`otelspans_fdw.traces.blocks_for_traces`) names the blocks, hence exactly the
+     (:func:`otelspans_fdw.lake.trace_index.blocks_for_traces`) names the blocks, hence exactly the
      partitions holding them, and the time range of those traces' spans narrows the window,
      so that the row-group statistics of files sorted by ``start_time`` skip nearly all of
      each file (see bench/RESULTS.md, "Traces");
@@ -36,9 +36,9 @@ from otelspans_fdw.exceptions import InvalidQueryError
 from otelspans_fdw.lake import footers, parquet, partitions, refresh
 from otelspans_fdw.lake.filters import request_expression
 from otelspans_fdw.lake.partitions import PartitionState
+from otelspans_fdw.lake.trace_index import TraceBlock, blocks_for_traces
 from otelspans_fdw.objstore import ObjectStore
 from otelspans_fdw.quals import ScanRequest, TimeWindow
-from otelspans_fdw.traces import TraceBlock, blocks_for_traces
 
 __all__ = ["ScanLimits", "ScanReport", "Scope", "SpansLake", "route"]
 

@@ -1,4 +1,4 @@
-"""Trace lookup across processes: which blocks hold given trace ids (issue 6).
+"""Trace lookup across processes: which blocks hold given trace ids.
 
 The receiver writes ``otel_trace_blocks`` (one row per block: its trace ids as a GIN-indexed
 ``uuid[]`` and their time bounds, see :mod:`otelspans_fdw.db`), so ``WHERE trace_id = X`` needs
