@@ -95,6 +95,8 @@ def bench_database(prefix: str) -> tuple[LocalCluster, LocalStore, str, psycopg.
     conn.execute("CREATE EXTENSION otelspans")
     conn.execute(f"ALTER SERVER otel_spans_server OPTIONS (ADD store '{store_dir}')")
     db.migrate(conn)
+    # migrate pins search_path to pg_catalog first; the benchmark's own tables go to public
+    conn.execute("SET search_path = public")
     return cluster, LocalStore(store_dir, durable=False), dsn, conn
 
 
