@@ -40,8 +40,6 @@ extra, are rendered apart with dict semantics.
 
 from __future__ import annotations
 
-import json
-import re
 import struct
 import uuid
 from binascii import hexlify
@@ -53,17 +51,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from otelspans_fdw.exceptions import DecodeError
 from otelspans_fdw.lake._lazy_pb import (
     SENTINEL_PREFIX,
-    LazyEvent,
-    LazyLink,
     LazySpan,
     RawResourceSpans,
     SpanColumns,
+)
+from otelspans_fdw.lake.spanjson import (
+    attr_items,
+    event_json,
+    json_object,
+    link_json,
+    scope_extras,
+    to_json,
 )
 from otelspans_fdw.otlp import (
     KINDS,
@@ -71,31 +74,22 @@ from otelspans_fdw.otlp import (
     STATUSES,
     ZERO_SPAN_ID,
     ZERO_TRACE_ID,
-    anyvalue_to_json,
-    attributes_to_dict,
-    clean_text,
     parent_or_none,
     span_rejection,
 )
 from otelspans_fdw.schema import COLUMN_NAMES, TIMESTAMP, arrow_schema
 
 __all__ = [
-    "KINDS",
-    "STATUSES",
     "BlockInfo",
-    "anyvalue_to_json",
-    "attributes_to_dict",
     "decode_block",
+    "decode_blocks",
     "empty_table",
     "hex_array",
+    "iter_decode_blocks",
 ]
 
 _KIND_DICT = pa.array(KINDS, pa.utf8())
 _STATUS_DICT = pa.array(STATUSES, pa.utf8())
-_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
-_encode: Callable[[Any], str] = _ENCODER.encode
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring  # C; ensure_ascii=False
-_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,31 +105,6 @@ class BlockInfo:
     computer: str | None = None
     process_properties: str = "{}"  # JSON text, keys sorted
     service_name: str | None = None  # service.name of the process (issue 6)
-
-
-def _strip_nul(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return obj.replace("\x00", "\ufffd")
-    if isinstance(obj, list):
-        return [_strip_nul(x) for x in obj]
-    if isinstance(obj, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in obj.items()}
-    return obj
-
-
-def _json_str(text: str) -> str:
-    """A JSON string literal, as :data:`_ENCODER` writes it (NUL replaced, see :func:`_json`)."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    return _encode_str(text)
-
-
-def _json(obj: Any) -> str:
-    """Compact JSON text that jsonb accepts (no ``\\u0000``)."""
-    text = _encode(obj)
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
-        text = _encode(_strip_nul(obj))
-    return text
 
 
 def hex_array(
@@ -188,53 +157,7 @@ def empty_table() -> pa.Table:
     return arrow_schema().empty_table()
 
 
-def _scope_extras(ss: Any) -> dict[str, Any]:
-    extras: dict[str, Any] = {}
-    scope = InstrumentationScope.FromString(ss.scope) if ss.scope else InstrumentationScope()
-    if scope.name:
-        extras["otel.scope.name"] = scope.name
-    if scope.version:
-        extras["otel.scope.version"] = scope.version
-    for k, v in attributes_to_dict(scope.attributes).items():
-        extras[f"otel.scope.attr.{k}"] = v
-    if ss.schema_url:
-        extras["otel.scope.schema_url"] = ss.schema_url
-    return extras
-
-
-class _AttrCache:
-    """Serialized ``KeyValue`` -> (key, JSON fragment ``"key":value``), shared across blocks.
-
-    Bounded: cleared when it grows past :attr:`limit` entries (high-cardinality values such as
-    ids would otherwise grow it forever); clearing only costs re-parsing.
-    """
-
-    limit = 200_000
-
-    def __init__(self) -> None:
-        self.map: dict[bytes, tuple[str, str]] = {}
-
-    def miss(self, raw: bytes) -> tuple[str, str]:
-        kv = KeyValue.FromString(raw)
-        key = clean_text(kv.key)  # the key of the fragment's text, as the rules compare keys
-        v = kv.value
-        kind = v.WhichOneof("value")
-        # Unique values (ids, times) miss every time: scalars skip the generic encoder.
-        if kind == "string_value":
-            item = (key, f"{_json_str(key)}:{_json_str(v.string_value)}")
-        elif kind == "int_value":
-            item = (key, f"{_json_str(key)}:{v.int_value}")
-        else:
-            item = (key, _json({key: anyvalue_to_json(v)})[1:-1])
-        if len(self.map) >= self.limit:
-            self.map.clear()
-        self.map[raw] = item
-        return item
-
-
-_ATTRS = _AttrCache()
 _STATUS_CACHE: dict[bytes, tuple[int, str | None]] = {}
-_NAME_JSON: dict[str, str] = {}
 
 
 def _status(raw: bytes) -> tuple[int, str | None]:
@@ -247,56 +170,6 @@ def _status(raw: bytes) -> tuple[int, str | None]:
             _STATUS_CACHE.clear()
         _STATUS_CACHE[raw] = got
     return got
-
-
-def _attr_items(raws: Sequence[bytes]) -> list[tuple[str, str]]:
-    cache_get, cache_miss = _ATTRS.map.get, _ATTRS.miss
-    return [cache_get(b) or cache_miss(b) for b in raws]
-
-
-def _object(items: list[tuple[str, str]], extras: dict[str, Any], prefix: str) -> str:
-    """JSON object text: scope ``prefix`` then attribute fragments; dict semantics on repeats.
-
-    A repeated key (within the attributes, or an attribute named like a scope extra) takes the
-    slow path, so the text never holds duplicate keys (jsonb would keep the last one, but
-    other readers of the Parquet files may not).
-    """
-    if len(items) > 1 or extras:
-        keys = {k for k, _ in items}
-        if len(keys) != len(items) or (extras and not keys.isdisjoint(extras)):
-            d = dict(extras)
-            for k, frag in items:
-                d[k] = json.loads("{" + frag + "}")[k]
-            return _json(d)
-    if prefix and items:
-        prefix += ","
-    return "{" + prefix + ",".join([f for _, f in items]) + "}"
-
-
-def _name_json(name: str) -> str:
-    got = _NAME_JSON.get(name)
-    if got is None:
-        got = _json(name)
-        if len(_NAME_JSON) > 10_000:
-            _NAME_JSON.clear()
-        _NAME_JSON[name] = got
-    return got
-
-
-def _event_json(raw: bytes) -> str:
-    """One serialized ``Span.Event`` as ``{"name":..,"time":..,"attributes":{..}}``."""
-    e = LazyEvent.FromString(raw)
-    attrs = _object(_attr_items(e.attributes), {}, "")
-    return f'{{"name":{_name_json(e.name)},"time":{e.time_unix_nano},"attributes":{attrs}}}'
-
-
-def _link_json(raw: bytes) -> str:
-    """One serialized ``Span.Link`` as ``{"trace_id":..,"span_id":..,"attributes":{..}}``."""
-    lk = LazyLink.FromString(raw)
-    attrs = _object(_attr_items(lk.attributes), {}, "")
-    return (
-        f'{{"trace_id":"{lk.trace_id.hex()}","span_id":"{lk.span_id.hex()}","attributes":{attrs}}}'
-    )
 
 
 # --- the columnar path -----------------------------------------------------------------------
@@ -369,8 +242,8 @@ def _scope_info(ss: Any) -> tuple[dict[str, Any], str]:
     key = (ss.scope, ss.schema_url)
     got = _SCOPE_CACHE.get(key)
     if got is None:
-        extras = _scope_extras(ss)
-        got = (extras, _json(extras)[1:-1])
+        extras = scope_extras(ss)
+        got = (extras, to_json(extras)[1:-1])
         if len(_SCOPE_CACHE) > 10_000:
             _SCOPE_CACHE.clear()
         _SCOPE_CACHE[key] = got
@@ -459,12 +332,12 @@ def _json_objects(
     carry the scope extras of ``properties``).  The distinct encodings of the batch
     (``dictionary_encode``) are looked up in the fragment cache, once each.  Rows holding a
     key twice, or a key of their extras (``extras_of(r)`` -> extras, prefix), are rendered
-    by :func:`_object` instead (dict semantics).
+    by :func:`json_object` instead (dict semantics).
     """
     if len(values) == 0:
         return pa.repeat(bare, nrows) if isinstance(bare, pa.Scalar) else bare
     enc = values.dictionary_encode()
-    items = _attr_items(enc.dictionary.to_pylist())
+    items = attr_items(enc.dictionary.to_pylist())
     frags = pa.array([f for _, f in items], pa.utf8()).take(enc.indices)
     lists = pa.ListArray.from_arrays(offsets, frags)
     text = pc.binary_join_element_wise(opening, pc.binary_join(lists, ","), "}", "")
@@ -490,7 +363,7 @@ def _json_objects(
     for r in order:
         row_items = [items[j] for j in indices[starts[r] : starts[r + 1]]]
         extras, prefix = extras_of(r) if extras_of is not None else ({}, "")
-        texts.append(_object(row_items, extras, prefix))
+        texts.append(json_object(row_items, extras, prefix))
     return pc.replace_with_mask(text, bad, pa.array(texts, pa.utf8()))
 
 
@@ -604,8 +477,8 @@ def _columns(scopes: Sequence[_Scope]) -> dict[str, pa.Array] | None:
             "status": codes,
             "status_message": messages,
             "properties": _properties_column(*attrs, scopes, n),
-            "events": _nested_column(*events, n, _event_json),
-            "links": _nested_column(*links, n, _link_json),
+            "events": _nested_column(*events, n, event_json),
+            "links": _nested_column(*links, n, link_json),
         }
     except ProtobufDecodeError:
         return None
@@ -682,11 +555,11 @@ def _scope_rows_slow(scope: _Scope) -> dict[str, pa.Array]:
             statuses.append(0)
             messages.append(None)
         attrs = s.attributes
-        props.append(_object(_attr_items(attrs), extras, prefix) if attrs else empty_props)
+        props.append(json_object(attr_items(attrs), extras, prefix) if attrs else empty_props)
         ev = s.events
-        events.append("[" + ",".join([_event_json(e) for e in ev]) + "]" if ev else "[]")
+        events.append("[" + ",".join([event_json(e) for e in ev]) + "]" if ev else "[]")
         lk = s.links
-        links.append("[" + ",".join([_link_json(x) for x in lk]) + "]" if lk else "[]")
+        links.append("[" + ",".join([link_json(x) for x in lk]) + "]" if lk else "[]")
     utf8 = pa.utf8()
     return {
         "block": pa.repeat(pa.scalar(scope.block, pa.int32()), len(starts)),
