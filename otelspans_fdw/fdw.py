@@ -356,7 +356,11 @@ class OtelSpansFDW(ForeignDataWrapper):  # type: ignore[misc]
             reader, self.last_report = lake.scan(r, cols)
             return reader
 
-        return aggregate.answer(query, req, scan)
+        def top(r: ScanRequest, cols: list[str], key: str, desc: bool, k: int) -> pa.Table | None:
+            table, self.last_report = lake.top_rows(r, cols, key, desc, k)
+            return table
+
+        return aggregate.answer(query, req, scan, top)
 
     def _newest_window(self, req: ScanRequest, limit: int) -> ScanRequest:
         """``ORDER BY start_time DESC LIMIT n`` without a process, trace or window, exactly:

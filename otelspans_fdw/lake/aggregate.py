@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from otelspans_fdw.lake import topn
 from otelspans_fdw.quals import ScanRequest
 from otelspans_fdw.schema import COLUMN_NAMES, JSON_COLUMNS, column
 
@@ -37,6 +38,8 @@ __all__ = ["accepts", "answer", "columns_needed", "pg_numeric_avg"]
 
 #: Scan callback: (request, columns) -> Arrow reader over the request's (superset of) rows.
 Scan = Callable[[ScanRequest, list[str]], pa.RecordBatchReader]
+#: (request, columns, key, descending, k) -> the rows holding the k best by key, or None.
+TopScan = Callable[[ScanRequest, list[str], str, bool, int], pa.Table | None]
 
 _FUNCTIONS = frozenset(
     {"count", "sum", "avg", "min", "max", "bool_or", "bool_and", "percentile_cont",
@@ -683,10 +686,36 @@ def _group_only_columns(query: dict[str, Any]) -> set[str]:
 # -- the answer --------------------------------------------------------------------------------
 
 
-def answer(query: dict[str, Any], req: ScanRequest, scan: Scan) -> pa.Table:
-    """The query's result as an Arrow table with one field per output the host named."""
+#: Largest LIMIT + OFFSET answered from the row groups that can hold it (beyond, the
+#: candidates held would approach a full read anyway).
+TOP_ROWS_MAX = 100
+
+
+def _top_plan(query: dict[str, Any]) -> tuple[str, bool, int] | None:
+    """(key, descending, k) when an ungrouped top-N may read only the row groups whose
+    statistics reach its first sort key (:mod:`otelspans_fdw.lake.topn`)."""
+    order_by, limit = query.get("order_by"), query.get("limit")
+    if query.get("grouped") or query.get("matches_nothing") or not order_by or limit is None:
+        return None
+    k = int(limit) + int(query.get("offset") or 0)
+    first = order_by[0]
+    if first["output"] not in topn.KEYS or not 0 < k <= TOP_ROWS_MAX:
+        return None
+    return first["output"], bool(first["descending"]), k
+
+
+def answer(
+    query: dict[str, Any], req: ScanRequest, scan: Scan, top: TopScan | None = None
+) -> pa.Table:
+    """The query's result as an Arrow table with one field per output the host named.
+
+    ``top``, when given, answers an ungrouped top-N from the row groups that can hold it; it
+    returns None where it does not apply, and the plain ``scan`` reads everything."""
     cols = columns_needed(query)
-    table = _plain(scan(req, cols).read_all(), _group_only_columns(query) - _qual_columns(query))
+    plan = _top_plan(query) if top is not None else None
+    found = top(req, cols, *plan) if top is not None and plan is not None else None
+    table = found if found is not None else scan(req, cols).read_all()
+    table = _plain(table, _group_only_columns(query) - _qual_columns(query))
     if query.get("matches_nothing"):
         table = table.slice(0, 0)
     mask = _quals_mask(table, query["quals"])

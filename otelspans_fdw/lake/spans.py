@@ -33,7 +33,7 @@ import psycopg
 import pyarrow as pa
 
 from otelspans_fdw.exceptions import InvalidQueryError
-from otelspans_fdw.lake import footers, parquet, partitions, refresh
+from otelspans_fdw.lake import footers, parquet, partitions, refresh, topn
 from otelspans_fdw.lake.filters import request_expression
 from otelspans_fdw.lake.partitions import PartitionState
 from otelspans_fdw.lake.trace_index import TraceBlock, blocks_for_traces
@@ -430,6 +430,37 @@ class SpansLake:
                 st.row_groups_total,
             )
         return reader, report
+
+    def top_rows(
+        self, req: ScanRequest, columns: Sequence[str], key: str, descending: bool, k: int
+    ) -> tuple[pa.Table | None, ScanReport]:
+        """The rows that hold the ``k`` best spans by ``key`` (ties kept), decoding only the
+        row groups whose statistics can reach them (:mod:`otelspans_fdw.lake.topn`); None
+        on the trace route, whose few row groups a plain scan reads already."""
+        scope = self.scope(req)
+        report = self._describe(scope)
+        if scope.route == "trace":
+            return None, report
+        self._refresh(scope, report)
+        files = self._files(scope, report)
+        paths = [f.path for f in files]
+        sel = footers.select_row_groups(FOOTERS, self.store, paths, scope.req.window)
+        filter_columns = ["start_time", "end_time", *(p.column for p in scope.req.predicates)]
+        top = topn.read_top_rows(
+            self.store,
+            sel,
+            columns,
+            key,
+            descending,
+            k,
+            request_expression(scope.req),
+            filter_columns,
+        )
+        report.row_groups_read, report.row_groups_total = (
+            top.row_groups_read,
+            sel.row_groups_total,
+        )
+        return top.table, report
 
 
 def _interval(td: dt.timedelta) -> str:
